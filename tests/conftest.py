@@ -1,0 +1,22 @@
+"""Shared test set-up.
+
+* One torch thread: on the 2-core CI machine two threads make small ops 30-50x slower.
+* ``sys.argv`` is reset for every test: RecBole's ``Config`` reads ``--key=value`` pairs from
+  ``sys.argv``, so pytest's own arguments must never reach it.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+    yield
