@@ -3,6 +3,7 @@
 * One torch thread: on the 2-core CI machine two threads make small ops 30-50x slower.
 * ``sys.argv`` is reset for every test: RecBole's ``Config`` reads ``--key=value`` pairs from
   ``sys.argv``, so pytest's own arguments must never reach it.
+* Every test runs in its own temporary working directory (RecBole writes log/ and saved/ there).
 """
 import os
 import sys
@@ -17,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _clean_argv(monkeypatch):
+def _clean_argv_and_cwd(monkeypatch, tmp_path):
+    """RecBole writes log/, log_tensorboard/ and saved/ under the working directory: keep them in tmp."""
     monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+    monkeypatch.chdir(tmp_path)
     yield

@@ -1,0 +1,165 @@
+"""``run_recbole``: RecBole's ``run_recbole.py`` as an installed command that also knows our models.
+
+Flags are RecBole's own: ``--model/-m``, ``--dataset/-d``, ``--config_files`` (space-separated),
+``--nproc``, ``--ip``, ``--port``, ``--world_size``, ``--group_offset``. Every other ``--key=value`` is read
+from ``sys.argv`` by RecBole's ``Config``, exactly as with RecBole's script.
+
+Before handing over to RecBole, the command checks what RecBole would report badly: an unknown model
+(RecBole says "No module named 'lightgbm'"), a missing dataset folder, an unreadable YAML file. It also
+builds the embedded ``vlm2rec-demo`` dataset on first use.
+
+Exit codes: 0 success; 2 bad command line or configuration (unknown model, dataset or config file);
+1 the run itself failed (the message says why).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+DEMO_DATASET = "vlm2rec-demo"
+# RecBole's own example dataset; its data_path is forced to recbole/dataset_example/ml-100k.
+BUILTIN_DATASETS = ("ml-100k",)
+
+
+class UsageError(Exception):
+    """A problem with the command line or configuration that the user must fix (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_recbole",
+        description="Run a RecBole model (built-in or from recbole-vlm2rec) on a dataset. "
+        "Any other --key=value is passed to RecBole's Config (e.g. --epochs=1 --gpu_id='').",
+    )
+    parser.add_argument("--model", "-m", type=str, default="BPR", help="name of the model (default: BPR)")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of the dataset")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML config files")
+    parser.add_argument("--nproc", type=int, default=1, help="number of processes (GPUs) to use")
+    parser.add_argument("--ip", type=str, default="localhost", help="master address for multi-GPU runs")
+    parser.add_argument("--port", type=str, default="5678", help="master port for multi-GPU runs")
+    parser.add_argument("--world_size", type=int, default=-1, help="total number of processes (all nodes)")
+    parser.add_argument("--group_offset", type=int, default=0, help="rank offset of this node's processes")
+    return parser
+
+
+def _check_config_files(config_files: List[str]) -> None:
+    import yaml
+
+    for path in config_files:
+        if not os.path.isfile(path):
+            raise UsageError(f"config file not found: {path}")
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                content = yaml.load(handle, Loader=yaml.FullLoader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise UsageError(f"cannot read config file {path}: {error}") from None
+        if content is not None and not isinstance(content, dict):
+            raise UsageError(
+                f"config file {path} must hold a YAML mapping of key: value pairs, found {type(content).__name__}"
+            )
+
+
+def _dataset_dir(model: str, dataset: str, config_files: List[str]):
+    """The folder RecBole will read ``dataset`` from, resolved with RecBole's own Config."""
+    from recbole.config import Config
+
+    config = Config(model=model, dataset=dataset, config_file_list=config_files or None)
+    return config["data_path"]
+
+
+def _prepare_dataset(model: str, dataset: str, config_files: List[str]) -> None:
+    if dataset in BUILTIN_DATASETS:
+        return
+    data_dir = _dataset_dir(model, dataset, config_files)
+    if dataset == DEMO_DATASET and not os.path.isfile(os.path.join(data_dir, f"{dataset}.inter")):
+        from dataset_tools.demo import ensure_demo_dataset
+
+        print(f"Building the {DEMO_DATASET} dataset into {data_dir} (first use) ...", flush=True)
+        ensure_demo_dataset(os.path.dirname(os.path.normpath(data_dir)))
+    atomic_files = [os.path.join(data_dir, f"{dataset}.{suffix}") for suffix in ("inter", "item", "user")]
+    if not any(os.path.isfile(path) for path in atomic_files):
+        raise UsageError(
+            f"unknown dataset {dataset!r}: no atomic files found at {os.path.join(data_dir, dataset + '.inter')}. "
+            "Set --data_path=DIR to the folder that holds DIR/<dataset>/<dataset>.inter, "
+            "or convert raw data with `vlm2rec-data` (see README)."
+        )
+
+
+def _worker(rank: int, model: str, dataset: str, config_files, kwargs) -> None:
+    """Entry point of each spawned process: import the plugin (registration), then run RecBole's worker."""
+    import recbole_vlm2rec  # noqa: F401  (registers our models in this fresh process)
+    from recbole.quick_start import run_recboles
+
+    run_recboles(rank, model, dataset, config_files, kwargs)
+
+
+def run(
+    model: str,
+    dataset: str,
+    config_files: Optional[List[str]] = None,
+    nproc: int = 1,
+    world_size: int = -1,
+    ip: str = "localhost",
+    port: str = "5678",
+    group_offset: int = 0,
+):
+    """Run one model on one dataset, as RecBole's ``run`` does (one process, or ``nproc`` spawned workers)."""
+    import recbole_vlm2rec  # noqa: F401
+    from recbole.quick_start import run_recbole
+
+    if nproc == 1 and world_size <= 0:
+        return run_recbole(model=model, dataset=dataset, config_file_list=config_files)
+
+    # RecBole's own spawn target would not import this plugin in the workers: use ours.
+    import torch.multiprocessing as mp
+
+    world_size = nproc if world_size == -1 else world_size
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict = {"world_size": world_size, "ip": ip, "port": port, "nproc": nproc, "offset": group_offset}
+    kwargs = {"config_dict": config_dict, "queue": queue}
+    mp.spawn(_worker, args=(model, dataset, config_files, kwargs), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    if argv is not None:
+        # RecBole's Config reads --key=value pairs from sys.argv: keep it in step with what we parse.
+        sys.argv = [sys.argv[0]] + list(argv)
+    args, _ = build_parser().parse_known_args(sys.argv[1:])
+    config_files = args.config_files.strip().split(" ") if args.config_files else []
+
+    try:
+        import recbole_vlm2rec  # noqa: F401
+        from recbole_vlm2rec.registry import UnknownModelError, check_model_name
+
+        try:
+            check_model_name(args.model)
+        except UnknownModelError as error:
+            raise UsageError(str(error)) from None
+        _check_config_files(config_files)
+        _prepare_dataset(args.model, args.dataset, config_files)
+    except UsageError as error:
+        print(f"run_recbole: error: {error}", file=sys.stderr)
+        return 2
+
+    try:
+        run(
+            args.model,
+            args.dataset,
+            config_files or None,
+            nproc=args.nproc,
+            world_size=args.world_size,
+            ip=args.ip,
+            port=args.port,
+            group_offset=args.group_offset,
+        )
+    except KeyboardInterrupt:
+        print("run_recbole: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Compatibility layer: RecBole 1.2.1 on numpy 2.x, torch >= 2.6 and today's Python stack.
+
+RecBole 1.2.1 (the latest release) was written for numpy 1.x and torch < 2.6. Every patch below is
+applied once, by ``apply()``, when ``recbole_vlm2rec`` is imported, and each one says why it exists.
+No RecBole file is edited: we only add missing names, wrap functions and swap module-level references.
+
+1. numpy aliases. numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` and ``np.bool8``.
+   RecBole uses the first three (every ``Config()`` breaks), ray 2.6.3 (imported by RecBole's quick start)
+   the last one. We add them back as aliases of their numpy 2 spellings, only where missing.
+2. Autograd anomaly mode. ``recbole/model/sequential_recommender/sine.py`` calls
+   ``torch.autograd.set_detect_anomaly(True)`` at import time, and that module is imported by every
+   sequential model's lookup: training gets ~2.2x slower for every model (see benchmarks/recbole_overhead.py).
+   We import the package once and switch the flag back off.
+3. Checkpoint loading. torch >= 2.6 loads with ``weights_only=True`` by default, and RecBole's checkpoints
+   pickle its ``Config`` object (and the model class, a few enums, a yaml loader class), so reloading the best
+   model after ``fit``, ``resume_checkpoint`` and ``load_data_and_model`` all fail. We keep torch's protection
+   on: ``load_checkpoint`` lists the globals a checkpoint needs, allows exactly those RecBole's own checkpoints
+   hold (the allow-list below, plus recommender classes from RecBole or registered with this plugin), refuses
+   anything else with ``UnsafeCheckpointError``. torch's weights-only unpickler cannot be used for this: it
+   rejects pickle protocol 4, which RecBole writes; so the same allow-list is enforced by a restricted
+   unpickler for that one call. RecBole's trainer module sees a ``torch`` whose ``load`` is
+   ``load_checkpoint``; ``torch.load``'s weights-only default stays on for the rest of the process.
+4. CE models and the default negative sampling. ``overall.yaml`` sets ``train_neg_sample_args`` to uniform
+   sampling, and ``Config`` then refuses every model with ``loss_type: CE`` (SASRec, BERT4Rec, ...) unless the
+   user writes ``train_neg_sample_args: ~``: ``run_recbole --model=SASRec`` fails out of the box. When the
+   loss is CE and the user set no ``train_neg_sample_args`` anywhere, we use ``None`` (no sampling), the only
+   value RecBole accepts there; a value the user sets is left for RecBole to judge.
+5. ray 2.6.3 (imported by RecBole's quick start) imports ``pkg_resources``, whose deprecation warning is
+   printed on every run; it is silenced (``setuptools<81`` is pinned so that the module still exists).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import types
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+_APPLIED = False
+
+# --- 1. numpy aliases ------------------------------------------------------------------------------
+_NUMPY_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_", "bool8": "bool_"}
+
+
+def _add_numpy_aliases() -> None:
+    for old, new in _NUMPY_ALIASES.items():
+        if old not in np.__dict__:  # np.__getattr__ raises for removed names; look at the real namespace
+            setattr(np, old, getattr(np, new))
+
+
+# --- 2. anomaly mode -------------------------------------------------------------------------------
+def _undo_sine_anomaly_mode() -> None:
+    importlib.import_module("recbole.model.sequential_recommender")  # runs sine.py's side effect now
+    torch.autograd.set_detect_anomaly(False)
+
+
+# --- 3. safe checkpoint loading --------------------------------------------------------------------
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint needs a Python object that RecBole's own checkpoints never hold."""
+
+
+# Exactly the non-tensor globals a RecBole 1.2.1 checkpoint (``Trainer._save_checkpoint``) pickles:
+# the Config object and what its dicts hold. Found by saving checkpoints of built-in and plugin models
+# and listing ``torch.serialization.get_unsafe_globals_in_checkpoint``.
+_ALLOWED_CHECKPOINT_GLOBALS = frozenset(
+    {
+        "recbole.config.configurator.Config",
+        "recbole.utils.enum_type.ModelType",
+        "recbole.utils.enum_type.InputType",
+        "recbole.utils.enum_type.EvaluatorType",
+        "recbole.utils.enum_type.FeatureType",
+        "recbole.utils.enum_type.FeatureSource",
+        "yaml.loader.FullLoader",
+        "torch.device",
+        "collections.OrderedDict",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.dtype",
+        "numpy.dtypes.Float64DType",
+        "numpy.dtypes.Int64DType",
+    }
+)
+
+# Recommender classes registered by this plugin (filled by recbole_vlm2rec.registry).
+_registered_model_classes: dict = {}
+
+
+def allow_model_class_in_checkpoints(model_class: type) -> None:
+    """Let checkpoints that name ``model_class`` (a registered plugin model) load."""
+    _registered_model_classes[f"{model_class.__module__}.{model_class.__qualname__}"] = model_class
+
+
+def _resolve_allowed_global(name: str) -> Any:
+    """Return the object for a global a checkpoint needs, or raise if RecBole checkpoints never hold it."""
+    if name in _registered_model_classes:
+        return _registered_model_classes[name]
+    module_name, _, attr = name.rpartition(".")
+    if name in _ALLOWED_CHECKPOINT_GLOBALS:
+        return getattr(importlib.import_module(module_name), attr)
+    if module_name.startswith("recbole.model."):
+        # A built-in recommender class: RecBole stores ``config.model_class`` in every checkpoint.
+        from recbole.model.abstract_recommender import AbstractRecommender
+
+        obj = getattr(importlib.import_module(module_name), attr, None)
+        if isinstance(obj, type) and issubclass(obj, AbstractRecommender):
+            return obj
+    raise UnsafeCheckpointError(
+        f"refusing to load a checkpoint that needs the Python object '{name}': RecBole checkpoints never hold "
+        "it, and unpickling arbitrary objects can run code. If you trust this file and it was written by a "
+        "plugin model, import the package that registers that model first."
+    )
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only allowed globals (the restricted unpickler of Python's pickle docs).
+
+    torch's own weights-only unpickler would be the natural choice, but it rejects pickle protocol 4
+    (FRAME, MEMOIZE opcodes), which RecBole's ``torch.save(..., pickle_protocol=4)`` writes. torch hands
+    storages to its own loader before this method is asked; everything else must pass the allow-list.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        full_name = f"{module}.{name}"
+        torch_allowed = _get_torch_allowed_globals()
+        if full_name in torch_allowed:  # tensor rebuild helpers, dtypes, OrderedDict, ...
+            return torch_allowed[full_name]
+        return _resolve_allowed_global(full_name)
+
+
+def _get_torch_allowed_globals() -> dict:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return _get_allowed_globals()
+
+
+_restricted_pickle = types.ModuleType("recbole_vlm2rec_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
+
+
+def load_checkpoint(f, map_location=None, **kwargs):
+    """``torch.load`` for RecBole checkpoints that unpickles only what RecBole's own checkpoints hold.
+
+    torch's weights-only default is not switched off anywhere: this call alone uses a restricted unpickler
+    whose allow-list is torch's weights-only list plus the RecBole types above and recommender classes
+    (RecBole's or registered with this plugin). Anything else raises ``UnsafeCheckpointError`` before the
+    object is created.
+    """
+    import zipfile
+
+    kwargs.pop("weights_only", None)  # RecBole passes none; a caller's True/False is replaced by our policy
+    path = os.fspath(f)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpointError(
+            f"{path} is not a torch checkpoint in zip format (torch.save's default since torch 1.6); "
+            "legacy checkpoints are not loaded"
+        )
+    return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False, **kwargs)
+
+
+class _TorchWithSafeCheckpointLoad(types.ModuleType):
+    """The ``torch`` module as seen by RecBole's trainer: everything is torch's, except ``load``."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.load = load_checkpoint
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def load_data_and_model(model_file):
+    """RecBole's ``load_data_and_model`` with safe checkpoint loading (same steps, same return value).
+
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)``.
+    """
+    from logging import getLogger
+
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, init_logger, init_seed
+
+    checkpoint = load_checkpoint(model_file)
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def _install_safe_checkpoint_loading() -> None:
+    import recbole.quick_start
+    import recbole.quick_start.quick_start as quick_start_module
+    import recbole.trainer.trainer as trainer_module
+
+    trainer_module.torch = _TorchWithSafeCheckpointLoad()
+    quick_start_module.load_data_and_model = load_data_and_model
+    recbole.quick_start.load_data_and_model = load_data_and_model
+
+
+# --- 4. CE models and default negative sampling ---------------------------------------------------
+def _default_no_sampling_for_ce_models() -> None:
+    from recbole.config.configurator import Config
+
+    original = Config._set_default_parameters
+
+    def _set_default_parameters(self):
+        final = self.final_config_dict
+        if final.get("loss_type") == "CE" and "train_neg_sample_args" not in self.external_config_dict:
+            final["train_neg_sample_args"] = None
+        original(self)
+
+    Config._set_default_parameters = _set_default_parameters
+
+
+def apply() -> None:
+    """Apply every patch once (idempotent). Called on ``import recbole_vlm2rec``."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _add_numpy_aliases()
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    _undo_sine_anomaly_mode()
+    _default_no_sampling_for_ce_models()
+    _install_safe_checkpoint_loading()
+    _APPLIED = True

@@ -1,0 +1,99 @@
+"""Plugin registration through RecBole's own lookups, property layering, checkpoint reload."""
+import multiprocessing
+import sys
+
+import pytest
+
+import recbole_vlm2rec  # noqa: F401
+from helpers import FIXTURES, TESTS_DIR
+
+sys.path.insert(0, str(TESTS_DIR))
+from plugin_toy.toy_plugin_rec import ToyPluginRec, ToyPluginRecDataset, ToyPluginRecTrainer  # noqa: E402
+
+from recbole.config import Config  # noqa: E402
+from recbole.data import create_dataset, data_preparation  # noqa: E402
+from recbole.utils import get_model, get_trainer, init_seed  # noqa: E402
+
+BASE = {"data_path": str(FIXTURES), "checkpoint_dir": None}
+
+
+def _config(tmp_path, **overrides):
+    config_dict = dict(BASE, checkpoint_dir=str(tmp_path / "saved"), **overrides)
+    return Config(
+        model="ToyPluginRec",
+        dataset="tiny-seq",
+        config_file_list=[str(FIXTURES / "tiny-seq.yaml")],
+        config_dict=config_dict,
+    )
+
+
+def test_plugin_model_resolves_through_recbole_lookups(tmp_path):
+    config = _config(tmp_path)
+    assert get_model("ToyPluginRec") is ToyPluginRec
+    assert get_trainer(config["MODEL_TYPE"], "ToyPluginRec") is ToyPluginRecTrainer
+    dataset = create_dataset(config)
+    assert type(dataset) is ToyPluginRecDataset
+
+
+def test_property_layers(tmp_path, monkeypatch):
+    # plugin YAML (internal priority) < config file < config dict < command line
+    assert _config(tmp_path)["toy_dim"] == 8 and _config(tmp_path)["toy_marker"] == "from-yaml"
+    override = tmp_path / "override.yaml"
+    override.write_text("toy_dim: 12\ntoy_marker: from-file\n")
+    config = Config(
+        model="ToyPluginRec",
+        dataset="tiny-seq",
+        config_file_list=[str(FIXTURES / "tiny-seq.yaml"), str(override)],
+        config_dict=dict(BASE, checkpoint_dir=str(tmp_path), toy_marker="from-dict"),
+    )
+    assert config["toy_dim"] == 12 and config["toy_marker"] == "from-dict"
+    monkeypatch.setattr(sys, "argv", ["run_recbole", "--toy_dim=16"])
+    assert _config(tmp_path)["toy_dim"] == 16
+
+
+def test_builtin_model_defaults_untouched(tmp_path):
+    config = Config(model="SASRec", dataset="tiny-seq", config_dict=dict(BASE, checkpoint_dir=str(tmp_path)))
+    assert config["hidden_size"] == 64 and config["loss_type"] == "CE"  # RecBole's SASRec.yaml
+    assert config["train_neg_sample_args"] is None or config["train_neg_sample_args"]["distribution"] == "none"
+
+
+def test_unknown_model_error_lists_models():
+    with pytest.raises(ValueError, match=r"unknown model 'NoSuchModel'.*SASRec"):
+        get_model("NoSuchModel")
+
+
+def _train_and_save(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, _ = data_preparation(config, dataset)
+    model = ToyPluginRec(config, train_data._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.fit(train_data, valid_data, verbose=False, saved=True)
+    return trainer.saved_model_file, model
+
+
+def test_checkpoint_reloads_with_load_data_and_model(tmp_path):
+    from recbole.quick_start import load_data_and_model  # RecBole's name, patched by the compat layer
+
+    checkpoint, trained = _train_and_save(tmp_path)
+    config, model, dataset, train_data, _, _ = load_data_and_model(checkpoint)
+    assert type(model) is ToyPluginRec and type(dataset) is ToyPluginRecDataset
+    for key, value in trained.state_dict().items():
+        assert (model.state_dict()[key] == value).all()
+
+
+def _resolve_in_child(queue):
+    # a fresh spawned interpreter: the pickled target's module import re-registers the plugin
+    from recbole.utils import get_model
+
+    queue.put(get_model("ToyPluginRec").__name__)
+
+
+def test_registration_in_spawned_worker():
+    context = multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    process = context.Process(target=_resolve_in_child, args=(queue,))
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0 and queue.get() == "ToyPluginRec"
