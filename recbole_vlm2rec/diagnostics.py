@@ -1,0 +1,114 @@
+"""Modality-collapse diagnostics (DESIGN.md section 2.2, last item).
+
+:class:`ModalityDiagnostics` turns the per-step values of the objective (``L^T``, ``L^V``, the weak
+modality, the gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||``) into per-epoch means for the log, and
+:func:`modality_dropout_table` lays out text-only / image-only / fused evaluation side by side: the
+modality-dropout test that shows a collapsed modality as a column of near-random metrics.
+
+Ground-floor module: standard library only.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Mapping, Optional
+
+__all__ = ["ModalityDiagnostics", "modality_dropout_table"]
+
+_MODALITIES = ("text", "image")
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else math.nan
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+class ModalityDiagnostics:
+    """Accumulates one epoch of modality diagnostics.
+
+    Every :meth:`update` is one training step; any value may be ``None`` (the modality was absent, the
+    ratio was not computed) and is then left out of that quantity's mean, so each mean is over the steps
+    that reported it. Values may be floats or 0-d tensors (read with ``float``).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: call at the start of each epoch."""
+        self.steps = 0
+        self._sums: Dict[str, float] = {"loss_text": 0.0, "loss_image": 0.0, "grad_norm_ratio": 0.0}
+        self._counts: Dict[str, int] = dict.fromkeys(self._sums, 0)
+        self._weak: Dict[str, int] = dict.fromkeys(_MODALITIES, 0)
+
+    def update(
+        self,
+        loss_text=None,
+        loss_image=None,
+        weak: Optional[str] = None,
+        grad_norm_ratio=None,
+    ) -> None:
+        if weak is not None and weak not in self._weak:
+            raise ValueError(f"weak must be 'text', 'image' or None, got {weak!r}")
+        self.steps += 1
+        for key, value in (("loss_text", loss_text), ("loss_image", loss_image), ("grad_norm_ratio", grad_norm_ratio)):
+            if value is not None:
+                self._sums[key] += float(value)
+                self._counts[key] += 1
+        if weak is not None:
+            self._weak[weak] += 1
+
+    def summary(self) -> Dict[str, float]:
+        """Epoch means; NaN for a quantity no step reported.
+
+        ``weak_text_share`` + ``weak_image_share`` = 1 over the steps that named a weak modality.
+        ``grad_norm_ratio`` is the arithmetic mean of the per-step ratios. ``steps`` counts updates.
+        """
+        decided = sum(self._weak.values())
+        result = {key: _mean(self._sums[key], self._counts[key]) for key in ("loss_text", "loss_image")}
+        for modality in _MODALITIES:
+            result[f"weak_{modality}_share"] = _mean(self._weak[modality], decided)
+        result["grad_norm_ratio"] = _mean(self._sums["grad_norm_ratio"], self._counts["grad_norm_ratio"])
+        result["steps"] = self.steps
+        return result
+
+    def format_line(self) -> str:
+        """One log line, e.g. ``modality: L^T 0.4120 | L^V 2.3100 | weak text 25.0% image 75.0% | ...``."""
+        s = self.summary()
+        return (
+            f"modality: L^T {_fmt(s['loss_text'], '.4f')} | L^V {_fmt(s['loss_image'], '.4f')} | "
+            f"weak text {_fmt(s['weak_text_share'], '.1%')} image {_fmt(s['weak_image_share'], '.1%')} | "
+            f"grad T/V {_fmt(s['grad_norm_ratio'], '.3f')} | steps {s['steps']}"
+        )
+
+
+def modality_dropout_table(results: Mapping[str, Mapping[str, float]], precision: int = 4) -> str:
+    """Plain-text table: one row per metric, one column per variant (in the order of ``results``).
+
+    ``results`` maps a variant (e.g. ``"text-only"``, ``"image-only"``, ``"fused"``) to ``{metric: value}``.
+    Metrics appear in the order first seen; a metric a variant lacks shows as ``-``. Numbers are printed
+    with ``precision`` decimals and right-aligned; anything else with ``str``.
+    """
+    if not results:
+        raise ValueError("results must map at least one variant to its metrics, got an empty mapping")
+    variants = list(results)
+    metrics = list(dict.fromkeys(metric for values in results.values() for metric in values))
+
+    def cell(values: Mapping[str, float], metric: str) -> str:
+        if metric not in values:
+            return "-"
+        value = values[metric]
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return f"{float(value):.{precision}f}"
+        return str(value)
+
+    rows = [["metric", *variants]] + [[metric, *(cell(results[v], metric) for v in variants)] for metric in metrics]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = [
+        "  ".join([row[0].ljust(widths[0])] + [text.rjust(width) for text, width in zip(row[1:], widths[1:])])
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
