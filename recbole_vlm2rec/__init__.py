@@ -26,3 +26,14 @@ __all__ = [
     "load_data_and_model",
     "register_model",
 ]
+
+
+def _register_our_models() -> None:
+    from recbole_vlm2rec.data.dataset import VLM2RecDataset
+    from recbole_vlm2rec.models.vlm2rec import VLM2Rec
+    from recbole_vlm2rec.trainer import VLM2RecTrainer
+
+    register_model(VLM2Rec, dataset_class=VLM2RecDataset, trainer_class=VLM2RecTrainer)
+
+
+_register_our_models()

@@ -10,7 +10,9 @@ RecBole 1.2.1 has no plugin registry; it finds things by name:
 * default properties come only from ``recbole/properties/model/<Model>.yaml``: ``Config`` is taught to
   also read ``properties/model/<Model>.yaml`` and ``properties/dataset/<dataset>.yaml`` shipped here (or
   registered by another package), with RecBole's internal (lowest) priority, so config files, config dicts
-  and the command line override them. They are applied after RecBole's own internal files.
+  and the command line override them. They are applied after RecBole's own internal files. Like RecBole's
+  ``quick_start_config/*_ml-100k.yaml`` presets, ``properties/quick_start/<Model>_on_<dataset>.yaml`` holds
+  settings for one model on one dataset (e.g. the demo settings of VLM2Rec on ``vlm2rec-demo``), applied last.
 
 An unknown model name makes RecBole fail with "No module named 'lightgbm'" (the probe reaches the optional
 ``exlib_recommender`` package); ``get_model`` is wrapped to name the model and list the available ones.
@@ -168,6 +170,9 @@ def _load_plugin_properties(config, model: str, dataset: str) -> None:
             loaded = config._update_internal_config_dict(str(dataset_file)) or {}
             # as RecBole does for its own dataset files: these keys decide whether a saved dataset is reusable
             config.parameters["Dataset"] += [k for k in loaded if k not in config.parameters["Dataset"]]
+    preset = PROPERTIES_DIR / "quick_start" / f"{model}_on_{dataset}.yaml"
+    if preset.is_file():
+        config._update_internal_config_dict(str(preset))
 
 
 def install() -> None:

@@ -24,3 +24,58 @@ def run_cli(args, cwd, env_extra=None, timeout=600, prelude=None):
     return subprocess.run(
         [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def write_tiny_multimodal_dataset(root, name="tiny-mm", n_items=40, n_users=80, seed=0, with_images=True,
+                                  with_text=True, broken_images=0):
+    """A small multimodal dataset in the ``vlm2rec-data`` output format (atomic files + text sidecar + images).
+
+    Items have a text attribute (a word in the title) and an image attribute (a drawn shape); each user
+    keeps to one (word, shape) pair, so the next item is predictable from both. ``broken_images`` items
+    point at a corrupt image file. Returns the dataset directory.
+    """
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    words, shapes = ["alpha", "bravo", "charlie", "delta"], ["square", "disc", "cross", "bar"]
+    folder = Path(root) / name
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n_items):
+        word, shape = words[i % 4], shapes[(i // 4) % 4]
+        image = None
+        if with_images:
+            image = f"images/i{i}.png"
+            if i < broken_images:
+                (folder / image).write_bytes(b"not an image")
+            else:
+                picture = Image.new("RGB", (28, 28), tuple(rng.randrange(256) for _ in range(3)))
+                draw = ImageDraw.Draw(picture)
+                box = {"square": (6, 6, 22, 22), "disc": (4, 4, 24, 24), "cross": (12, 2, 16, 26), "bar": (2, 12, 26, 16)}
+                (draw.ellipse if shape == "disc" else draw.rectangle)(box[shape], fill=(255, 255, 255))
+                picture.save(folder / image)
+        title = f"{word} item number {i}" if with_text else ""
+        items.append({"item_id": f"i{i}", "title": title, "description": "", "categories": ["Demo"] if with_text else [],
+                      "brand": "", "image": image, "_pair": (word, shape)})
+    by_pair = {}
+    for item in items:
+        by_pair.setdefault(item["_pair"], []).append(item["item_id"])
+    pairs = sorted(by_pair)
+    inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(n_users):
+        pool = by_pair[pairs[u % len(pairs)]] + rng.sample([it["item_id"] for it in items], 2)
+        sequence = rng.sample(pool, min(len(pool), rng.randint(4, 6)))
+        for t, item_id in enumerate(sequence):
+            inter.append(f"u{u}\t{item_id}\t5.0\t{u * 100 + t}.0")
+    (folder / f"{name}.inter").write_text("\n".join(inter) + "\n")
+    item_lines = ["item_id:token\tcategories:token_seq\tbrand:token\timage:token"]
+    for item in items:
+        item_lines.append(f"{item['item_id']}\t{' '.join(item['categories'])}\t\t{item['image'] or ''}")
+    (folder / f"{name}.item").write_text("\n".join(item_lines) + "\n")
+    with open(folder / f"{name}.text.jsonl", "w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(json.dumps({k: v for k, v in item.items() if not k.startswith("_")}) + "\n")
+    return folder

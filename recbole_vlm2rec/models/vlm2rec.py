@@ -1,0 +1,277 @@
+"""VLM2Rec: a vision-language model fine-tuned into a multimodal user and item embedder (arXiv 2603.17450).
+
+A user is the last ``max_history_items`` items of their sequence, an item is its text and image; both are
+encoded by the same VLM (``recbole_vlm2rec.encoder``). With external fusion (the default) text and image are
+prompted separately and the two L2-normalised embeddings are summed and normalised again; with internal
+fusion one interleaved prompt gives one embedding. Training is in-batch contrastive: each row's next item is
+its positive, the other rows' next items its negatives (DESIGN.md section 2):
+
+    L = L_WPCL + lambda * L_CRTR        (``calculate_loss`` returns both terms; RecBole logs each)
+
+``beta: 0`` and ``lambda: 0`` give plain contrastive fine-tuning, the baseline that collapses one modality.
+
+Evaluation scores users against the catalog embeddings, computed once per evaluation (the encoder's
+catalog cache is dropped whenever the weights change). ``score_mode`` picks fused (default), text-only or
+image-only scores: the modality-dropout test that exposes collapse (``VLM2RecTrainer`` runs it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from logging import getLogger
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_vlm2rec.diagnostics import ModalityDiagnostics
+from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder, encode_catalog
+from recbole_vlm2rec.errors import ConfigError
+from recbole_vlm2rec.losses import InfoNCELoss, VLM2RecObjective
+
+FUSIONS = ("external", "internal")
+SCORE_MODES = ("fused", "text", "image")
+MODALITIES = ("text", "image")
+
+
+def _choice(config, key: str, choices) -> str:
+    value = config[key]
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+class VLM2Rec(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.logger = getLogger()
+        self.max_history_items = int(config["max_history_items"])
+        if self.max_history_items < 1:
+            raise ConfigError(f"max_history_items must be >= 1, got {self.max_history_items}")
+        self.fusion = _choice(config, "fusion", FUSIONS)
+        self.lambda_ = float(config["lambda"])
+        self.item_encode_batch_size = int(config["item_encode_batch_size"])
+        self.user_encode_batch_size = int(config["user_encode_batch_size"])
+        self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"])
+        self.show_progress = bool(config["show_progress"])
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["amp_dtype"])
+        self.enable_amp = bool(config["enable_amp"]) and config["device"].type == "cuda"
+
+        # item content, row i = RecBole's internal item id i (row 0 is padding)
+        self.item_texts: List[str] = list(dataset.item_texts)
+        self.item_images: List[Optional[str]] = list(dataset.item_images)
+        requested = list(config["modalities"] or MODALITIES)
+        unknown = [m for m in requested if m not in MODALITIES]
+        if unknown or not requested:
+            raise ConfigError(f"modalities: {requested!r}; choose one or both of {list(MODALITIES)}")
+        self.use_text = "text" in requested and dataset.has_text
+        self.use_image = "image" in requested and dataset.has_images
+        for modality, present in (("text", dataset.has_text), ("image", dataset.has_images)):
+            if modality in requested and not present:
+                self.logger.warning(f"VLM2Rec: no item of {dataset.dataset_name} has {modality}: training without it")
+        if not (self.use_text or self.use_image):
+            raise ConfigError(f"modalities: {requested!r}, but the dataset has none of them")
+        if not self.use_image:
+            self.item_images = [None] * len(self.item_images)
+        if not self.use_text:
+            self.item_texts = [""] * len(self.item_texts)
+
+        self.encoder = VLMEncoder(EncoderConfig.from_dict(config.final_config_dict), cache_dir=config["checkpoint_dir"])
+        self.encoder.to(config["device"])
+        self.objective = VLM2RecObjective(
+            tau=config["tau"],
+            beta=config["beta"],
+            crtr_weight=self.lambda_,
+            tau_r=config["tau_r"],
+            criterion=config["weak_criterion"],
+            relation=config["crtr_relation"],
+            momentum=config["weak_ema_momentum"],
+        )
+        self.interleaved_loss = InfoNCELoss(config["tau"])
+        self.diagnostics = ModalityDiagnostics()
+        self.score_mode = "fused"
+        if self.use_image and self.encoder.uses_vision_cache:
+            stats = self.encoder.warm_vision_cache(
+                [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
+            )
+            self.logger.info(f"VLM2Rec vision cache: {stats}")
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _histories(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+        """The last ``max_history_items`` items of each row (RecBole left-aligns sequences)."""
+        rows = item_seq.tolist()
+        lengths = item_seq_len.tolist()
+        histories = []
+        for row, length in zip(rows, lengths):
+            histories.append(row[max(0, length - self.max_history_items) : length])
+        return histories
+
+    def _autocast(self):
+        if self.enable_amp and self.amp_dtype is not None:
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def _encode_users(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+        histories = self._histories(item_seq, item_seq_len)
+        texts = [[self.item_texts[i] for i in h] for h in histories]
+        images = [[self.item_images[i] for i in h] for h in histories]
+        with self._autocast():
+            if self.fusion == "internal":
+                return self.encoder.encode_interleaved_users(texts, images)
+            return self.encoder.encode_users(texts, images)
+
+    def _encode_items(self, item_ids: torch.Tensor):
+        ids = item_ids.tolist()
+        texts = [self.item_texts[i] for i in ids]
+        images = [self.item_images[i] for i in ids]
+        with self._autocast():
+            if self.fusion == "internal":
+                return self.encoder.encode_interleaved_items(texts, images)
+            return self.encoder.encode_items(texts, images)
+
+    # ---------------------------------------------------------------------------------------- training
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        pos_items = interaction[self.POS_ITEM_ID]
+        users = self._encode_users(item_seq, item_seq_len)
+        items = self._encode_items(pos_items)
+        if self.fusion == "internal":
+            term = self.interleaved_loss(users, items, item_ids=pos_items)
+            return term.value
+
+        def side(embeddings, modality):
+            return getattr(embeddings, modality) if (self.use_text if modality == "text" else self.use_image) else None
+
+        out = self.objective(
+            side(users, "text"),
+            side(users, "image"),
+            users.image_mask if self.use_image else None,
+            side(items, "text"),
+            side(items, "image"),
+            items.image_mask if self.use_image else None,
+            item_ids=pos_items,
+            grad_norm_ratio=self.grad_norm_diagnostics and self.use_text and self.use_image,
+        )
+        self.diagnostics.update(
+            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio
+        )
+        if not torch.isfinite(out.wpcl) or not torch.isfinite(out.crtr):
+            raise FloatingPointError(
+                f"VLM2Rec: non-finite loss (L_WPCL={out.wpcl.item()}, L_CRTR={out.crtr.item()}); "
+                "lower learning_rate, raise tau, or use vlm_dtype: fp32 / bf16 instead of fp16"
+            )
+        return out.wpcl, self.lambda_ * out.crtr
+
+    def train(self, mode: bool = True):
+        if mode:  # weights are about to change: the catalog embeddings of the last evaluation are stale
+            self._catalog = None
+        return super().train(mode)
+
+    # -------------------------------------------------------------------------------------- evaluation
+    _catalog: Optional[Dict[str, torch.Tensor]] = None
+
+    def catalog_embeddings(self) -> Dict[str, torch.Tensor]:
+        """Per-modality (and fused) embeddings of every item, encoded once per evaluation."""
+        if self._catalog is None:
+            arrays = encode_catalog(
+                self.encoder,
+                self.item_texts,
+                self.item_images,
+                batch_size=self.item_encode_batch_size,
+                progress=self.show_progress,
+                fusion=self.fusion,
+            )
+            device = self.encoder.device
+            catalog = {m: torch.from_numpy(a).to(device) for m, a in arrays.items()}
+            if self.fusion == "internal":
+                catalog["fused"] = catalog.pop("interleaved")
+            else:
+                mask = catalog["image"].abs().sum(-1) > 0
+                catalog["image_mask"] = mask
+                text = catalog["text"] if self.use_text else torch.zeros_like(catalog["text"])
+                image = catalog["image"] * mask.unsqueeze(-1)
+                catalog["fused"] = F.normalize(text + image, dim=-1)
+            self._catalog = catalog
+        return self._catalog
+
+    def _user_scores_space(self, interaction) -> torch.Tensor:
+        """User vectors in the space of ``score_mode``; users are encoded once per distinct history."""
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        # sampled evaluation repeats each user once per candidate item: encode each distinct row once
+        unique_rows, inverse = torch.unique(torch.cat([item_seq, item_seq_len.unsqueeze(1)], 1), dim=0, return_inverse=True)
+        vectors = []
+        for start in range(0, unique_rows.shape[0], self.user_encode_batch_size):
+            chunk = unique_rows[start : start + self.user_encode_batch_size]
+            users = self._encode_users(chunk[:, :-1], chunk[:, -1])
+            if self.fusion == "internal":
+                vectors.append(users.float())
+            elif self.score_mode == "text":
+                vectors.append(users.text.float())
+            elif self.score_mode == "image":
+                vectors.append(users.image.float())
+            else:
+                text = users.text.float() if self.use_text else torch.zeros_like(users.text.float())
+                vectors.append(users.fused().float() if self.use_text else F.normalize(text + users.image.float(), dim=-1))
+        return torch.cat(vectors)[inverse]
+
+    def _item_space(self) -> torch.Tensor:
+        catalog = self.catalog_embeddings()
+        if self.fusion == "internal" or self.score_mode == "fused":
+            return catalog["fused"]
+        return catalog[self.score_mode]
+
+    def _encode_few_items(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Items in the space of ``score_mode``, encoded directly (no catalog pass)."""
+        items = self._encode_items(item_ids)
+        if self.fusion == "internal":
+            return items.float()
+        if self.score_mode != "fused":
+            return getattr(items, self.score_mode).float()
+        text = items.text.float() if self.use_text else torch.zeros_like(items.text.float())
+        return F.normalize(text + items.image.float() * items.image_mask.unsqueeze(-1), dim=-1)
+
+    @torch.no_grad()
+    def predict(self, interaction):
+        users = self._user_scores_space(interaction)
+        item_ids = interaction[self.ITEM_ID]
+        unique_items, inverse = torch.unique(item_ids, return_inverse=True)
+        if self._catalog is None and unique_items.numel() <= self.item_encode_batch_size:
+            # a handful of items (RecBole's FLOPs count, a one-off call): no need to encode the whole catalog
+            return (users * self._encode_few_items(unique_items)[inverse]).sum(-1)
+        return (users * self._item_space()[item_ids]).sum(-1)
+
+    @torch.no_grad()
+    def full_sort_predict(self, interaction):
+        return self._user_scores_space(interaction) @ self._item_space().t()
+
+    # --------------------------------------------------------------------------------------- artefacts
+    def export(self, directory: str, item_tokens) -> Dict[str, str]:
+        """Write the per-modality catalog embeddings (``item_embeddings.<modality>.npy`` + ``.json``) and,
+        with LoRA, the adapter (``adapter/``) into ``directory``. Returns what was written."""
+        from recbole_vlm2rec.encoder import export_item_embeddings
+
+        os.makedirs(directory, exist_ok=True)
+        catalog = self.catalog_embeddings()
+        arrays = {m: catalog[m].float().cpu().numpy() for m in ("text", "image", "fused") if m in catalog}
+        # row 0 is RecBole's padding item: it is not an item, leave it out of the export
+        tokens = [str(t) for t in item_tokens[1:]]
+        arrays = {m: a[1:] for m, a in arrays.items()}
+        if not self.use_image:
+            arrays.pop("image", None)
+        if not self.use_text:
+            arrays.pop("text", None)
+        written = export_item_embeddings(
+            os.path.join(directory, "item_embeddings"), tokens, arrays, metadata=self.encoder.describe()
+        )
+        if self.encoder.config.finetune == "lora":
+            adapter_dir = os.path.join(directory, "adapter")
+            self.encoder.save_adapter(adapter_dir)
+            written["adapter"] = adapter_dir
+        return written

@@ -1,0 +1,98 @@
+"""Trainers of our models: RecBole's ``Trainer`` plus per-epoch modality diagnostics, the modality-dropout
+evaluation and the export of VLM2Rec's artefacts after training.
+
+``ModalityDiagnosticsTrainer`` works for any model with a ``diagnostics`` attribute (a
+``recbole_vlm2rec.diagnostics.ModalityDiagnostics`` that the model updates in ``calculate_loss``): it resets
+it when an epoch starts and logs (and writes to TensorBoard) its summary when the epoch ends.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from recbole_vlm2rec.diagnostics import modality_dropout_table
+
+
+class ModalityDiagnosticsTrainer(Trainer):
+    """RecBole's Trainer, logging the model's modality diagnostics (L^T, L^V, weak share, grad ratio) per epoch."""
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        diagnostics = getattr(self.model, "diagnostics", None)
+        if diagnostics is not None:
+            diagnostics.reset()
+        result = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        if diagnostics is not None:
+            summary = diagnostics.summary()
+            if summary.get("steps"):
+                self.logger.info(set_color(f"epoch {epoch_idx} ", "green") + diagnostics.format_line())
+                if getattr(self, "tensorboard", None) is not None:
+                    for key, value in summary.items():
+                        if key != "steps" and not math.isnan(value):
+                            self.tensorboard.add_scalar(f"modality/{key}", value, epoch_idx)
+        return result
+
+
+class VLM2RecTrainer(ModalityDiagnosticsTrainer):
+    """Adds to the diagnostics trainer:
+
+    * after ``fit`` (with ``saved``): the best model's item embeddings per modality and its LoRA adapter,
+      written to ``<checkpoint_dir>/<checkpoint file stem>/`` (``export_embeddings``);
+    * after a final evaluation (not the validation runs inside ``fit``): the same metrics with text-only and
+      image-only scores beside the fused ones, logged as a table and kept in ``modality_results``
+      (``modality_dropout_eval``).
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self._fitting = False
+        self.modality_results = None
+        self.export_paths = None
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._fitting = True
+        try:
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        finally:
+            self._fitting = False
+        if saved and self.config["export_embeddings"]:
+            self._export_best(train_data)
+        return result
+
+    def _export_best(self, train_data) -> None:
+        from recbole_vlm2rec.compat import load_checkpoint
+
+        if os.path.isfile(self.saved_model_file):
+            checkpoint = load_checkpoint(self.saved_model_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.eval()
+        dataset = train_data._dataset
+        directory = os.path.splitext(self.saved_model_file)[0]
+        self.export_paths = self.model.export(directory, dataset.field2id_token[dataset.iid_field])
+        self.logger.info(set_color("exported", "blue") + f": {self.export_paths}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        model = self.model
+        if (
+            self._fitting
+            or not result
+            or not self.config["modality_dropout_eval"]
+            or getattr(model, "fusion", "internal") != "external"
+            or not (model.use_text and model.use_image)
+        ):
+            return result
+        results = {"fused": dict(result)}
+        try:
+            for mode in ("text", "image"):
+                model.score_mode = mode
+                results[f"{mode}-only"] = dict(super().evaluate(eval_data, False, None, show_progress))
+        finally:
+            model.score_mode = "fused"
+        self.modality_results = results
+        self.logger.info(
+            set_color("modality dropout (same users, same catalog)", "yellow") + "\n" + modality_dropout_table(results)
+        )
+        return result
