@@ -156,11 +156,14 @@ class VLM2Rec(SequentialRecommender):
             side(items, "image"),
             items.image_mask if self.use_image else None,
             item_ids=pos_items,
-            grad_norm_ratio=self.grad_norm_diagnostics and self.use_text and self.use_image,
+            grad_norm_ratio=(
+                self.grad_norm_diagnostics and self.training and torch.is_grad_enabled() and self.use_text and self.use_image
+            ),
         )
-        self.diagnostics.update(
-            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio
-        )
+        if self.training:
+            self.diagnostics.update(
+                loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio
+            )
         if not torch.isfinite(out.wpcl) or not torch.isfinite(out.crtr):
             raise FloatingPointError(
                 f"VLM2Rec: non-finite loss (L_WPCL={out.wpcl.item()}, L_CRTR={out.crtr.item()}); "

@@ -1,0 +1,152 @@
+"""VLM2Rec, the RecBole model: end-to-end runs on a tiny multimodal fixture with a tiny random backbone."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_vlm2rec  # noqa: F401
+from helpers import FIXTURES, run_cli, write_tiny_multimodal_dataset
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.quick_start import load_data_and_model, run_recbole
+from recbole.utils import init_seed
+
+from recbole_vlm2rec.errors import DataError
+
+CONFIG = str(FIXTURES / "vlm2rec-tiny.yaml")
+
+
+def _run(data_path, dataset="tiny-mm", **overrides):
+    overrides.setdefault("data_path", str(data_path))
+    return run_recbole(model="VLM2Rec", dataset=dataset, config_file_list=[CONFIG], config_dict=overrides)
+
+
+def _model_and_batch(data_path, **overrides):
+    config = Config(model="VLM2Rec", dataset="tiny-mm", config_file_list=[CONFIG],
+                    config_dict=dict(data_path=str(data_path), **overrides))
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, _, _ = data_preparation(config, dataset)
+    from recbole_vlm2rec.models.vlm2rec import VLM2Rec
+
+    model = VLM2Rec(config, train_data._dataset)
+    batch = next(iter(train_data))
+    return model, batch
+
+
+def test_full_and_sampled_evaluation_report_metrics(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    full = _run(data, epochs=1)
+    assert "ndcg@10" in full["test_result"]
+    sampled = _run(data, epochs=1, eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni100"})
+    assert "ndcg@10" in sampled["test_result"]
+    for value in list(full["test_result"].values()) + list(sampled["test_result"].values()):
+        assert np.isfinite(value)
+
+
+def test_checkpoint_reloads_and_embeddings_are_exported(tmp_path):
+    from recbole_vlm2rec.encoder import load_item_embeddings
+
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    _run(data, epochs=1)
+    checkpoint = glob.glob(str(tmp_path / "saved" / "VLM2Rec-*.pth"))[0]
+    config, model, dataset, _, _, test_data = load_data_and_model(checkpoint)
+    assert type(model).__name__ == "VLM2Rec" and type(dataset).__name__ == "VLM2RecDataset"
+    export_dir = checkpoint[:-4]
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    fused, meta = load_item_embeddings(os.path.join(export_dir, "item_embeddings"), "fused", expected_tokens=tokens)
+    assert fused.shape == (40, model.encoder.hidden_size) and meta["backbone"] == "tiny-qwen2-vl"
+    # the reloaded model scores the catalog with exactly the exported embeddings
+    model.eval()
+    catalog = model.catalog_embeddings()["fused"][1:].cpu().numpy()
+    np.testing.assert_allclose(catalog, fused, atol=1e-5)
+    for modality in ("text", "image"):
+        assert os.path.isfile(os.path.join(export_dir, f"item_embeddings.{modality}.npy"))
+
+
+def test_training_loss_falls_on_a_fixed_batch(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    model, batch = _model_and_batch(data)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        wpcl, crtr = model.calculate_loss(batch)
+        (wpcl + crtr).backward()
+        optimizer.step()
+        losses.append(float((wpcl + crtr).detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_beta_and_lambda_zero_is_plain_infonce(tmp_path):
+    from recbole_vlm2rec.losses import info_nce
+
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    model, batch = _model_and_batch(data, beta=0.0, **{"lambda": 0.0})
+    model.eval()
+    with torch.no_grad():
+        wpcl, crtr = model.calculate_loss(batch)
+        users = model._encode_users(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+        items = model._encode_items(batch[model.POS_ITEM_ID])
+        expected = info_nce(users.fused() @ items.fused().t(), tau=0.05, item_ids=batch[model.POS_ITEM_ID])
+    assert float(crtr) == 0.0
+    assert torch.allclose(wpcl, expected.value, atol=1e-6)
+
+
+def test_all_images_missing_in_a_batch_skips_image_terms(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data, broken_images=40)  # every image file is corrupt
+    model, batch = _model_and_batch(data)
+    model.use_image = True  # force the image branch although no image can be read
+    model.train()
+    wpcl, crtr = model.calculate_loss(batch)
+    assert torch.isfinite(wpcl) and float(crtr) == 0.0
+    wpcl.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dataset_without_images_runs_text_only(tmp_path, caplog):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data, with_images=False)
+    result = _run(data, epochs=1)
+    assert np.isfinite(result["test_result"]["ndcg@10"])
+
+
+def test_dataset_without_text_runs_image_only(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data, with_text=False)
+    result = _run(data, epochs=1)
+    assert np.isfinite(result["test_result"]["ndcg@10"])
+
+
+def test_dataset_without_sidecar_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    folder = write_tiny_multimodal_dataset(data)
+    (folder / "tiny-mm.text.jsonl").unlink()
+    with pytest.raises(DataError, match=r"tiny-mm\.text\.jsonl.*not found"):
+        _run(data, epochs=1)
+
+
+def test_internal_fusion_trains(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    result = _run(data, epochs=1, fusion="internal")
+    assert np.isfinite(result["test_result"]["ndcg@10"])
+
+
+def test_cli_prints_metrics_and_modality_dropout_table(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    result = run_cli(["--model=VLM2Rec", "--dataset=tiny-mm", f"--data_path={data}", f"--config_files={CONFIG}",
+                      "--epochs=1", "--beta=0.5"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "test result" in log and "modality dropout" in log
+    assert "text-only" in log and "image-only" in log and "beta = 0.5" in log
