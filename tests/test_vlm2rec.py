@@ -150,3 +150,26 @@ def test_cli_prints_metrics_and_modality_dropout_table(tmp_path):
     log = result.stdout + result.stderr
     assert "test result" in log and "modality dropout" in log
     assert "text-only" in log and "image-only" in log and "beta = 0.5" in log
+
+
+def test_lora_checkpoint_holds_only_trainable_weights_and_round_trips(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    model, batch = _model_and_batch(data, finetune="lora", lora_r=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    assert trainable <= set(state) and all("lora_" in k for k in trainable)
+    assert not any(k.startswith("encoder.") and "lora_" not in k for k in state)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # make the adapters differ from a fresh model's
+    fresh, _ = _model_and_batch(data, finetune="lora", lora_r=4)
+    fresh.load_state_dict(state)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        a = model._encode_items(batch[model.POS_ITEM_ID]).fused()
+        b = fresh._encode_items(batch[model.POS_ITEM_ID]).fused()
+    assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(RuntimeError, match="does not match"):
+        fresh.load_state_dict({k: v for k, v in state.items() if "lora_A" not in k})

@@ -59,6 +59,7 @@ class VLM2Rec(SequentialRecommender):
         self.user_encode_batch_size = int(config["user_encode_batch_size"])
         self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"])
         self.show_progress = bool(config["show_progress"])
+        self.checkpoint_trainable_only = bool(config["checkpoint_trainable_only"])
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["amp_dtype"])
         self.enable_amp = bool(config["enable_amp"]) and config["device"].type == "cuda"
 
@@ -170,6 +171,32 @@ class VLM2Rec(SequentialRecommender):
                 "lower learning_rate, raise tau, or use vlm_dtype: fp32 / bf16 instead of fp16"
             )
         return out.wpcl, self.lambda_ * out.crtr
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _frozen_encoder_keys(self, keys) -> set:
+        """Backbone entries that do not train (frozen weights, tied copies such as lm_head, buffers)."""
+        trainable = {f"encoder.{name}" for name, p in self.encoder.named_parameters() if p.requires_grad}
+        return {k for k in keys if k.startswith("encoder.") and k not in trainable}
+
+    def state_dict(self, *args, **kwargs):
+        """Without the frozen backbone weights when ``checkpoint_trainable_only`` (the default): they are
+        loaded again from ``vlm_name_or_path``, and a 3B backbone would add ~6 GB to every checkpoint."""
+        state = super().state_dict(*args, **kwargs)
+        if self.checkpoint_trainable_only:
+            for key in self._frozen_encoder_keys(list(state)):
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        frozen = self._frozen_encoder_keys(list(super().state_dict(keep_vars=True)))
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"VLM2Rec checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}; was it trained with other finetune / lora_* / vlm_name_or_path settings?"
+            )
+        return result
 
     def train(self, mode: bool = True):
         if mode:  # weights are about to change: the catalog embeddings of the last evaluation are stale
