@@ -23,6 +23,10 @@ DEMO_DATASET = "vlm2rec-demo"
 BUILTIN_DATASETS = ("ml-100k",)
 
 
+# RecBole's own run_recbole.py flags (not Config keys, but accepted as --key=value)
+RUN_FLAGS = ("model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "group_offset")
+
+
 class UsageError(Exception):
     """A problem with the command line or configuration that the user must fix (exit code 2)."""
 
@@ -58,6 +62,52 @@ def _check_config_files(config_files: List[str]) -> None:
         if content is not None and not isinstance(content, dict):
             raise UsageError(
                 f"config file {path} must hold a YAML mapping of key: value pairs, found {type(content).__name__}"
+            )
+
+
+def known_config_keys() -> set:
+    """Every key some RecBole or recbole-vlm2rec property file or argument list defines."""
+    import glob
+
+    import recbole
+    import yaml
+    from recbole.utils import argument_list
+
+    from recbole_vlm2rec.registry import PROPERTIES_DIR
+
+    keys = set(RUN_FLAGS)
+    for name in ("general_arguments", "training_arguments", "evaluation_arguments", "dataset_arguments"):
+        keys.update(getattr(argument_list, name))
+    recbole_properties = os.path.join(os.path.dirname(recbole.__file__), "properties")
+    for root in (recbole_properties, str(PROPERTIES_DIR)):
+        for path in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True):
+            with open(path, encoding="utf-8") as handle:
+                content = yaml.load(handle, Loader=yaml.FullLoader)
+            if isinstance(content, dict):
+                keys.update(content)
+    return keys
+
+
+def _warn_unknown_keys(config_files: List[str], argv: List[str]) -> None:
+    """RecBole silently ignores a key it does not know (a typo such as ``lamda``): say so, with a suggestion."""
+    import difflib
+
+    import yaml
+
+    given = []
+    for path in config_files:
+        with open(path, encoding="utf-8") as handle:
+            given += [(key, path) for key in (yaml.load(handle, Loader=yaml.FullLoader) or {})]
+    given += [(arg[2:].split("=", 1)[0], "the command line") for arg in argv if arg.startswith("--") and "=" in arg]
+    known = known_config_keys()
+    for key, where in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            print(
+                f"run_recbole: warning: unknown key {key!r} in {where}{hint}; "
+                "no RecBole or recbole-vlm2rec setting has this name, so it only matters to a custom model",
+                file=sys.stderr,
             )
 
 
@@ -139,6 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except UnknownModelError as error:
             raise UsageError(str(error)) from None
         _check_config_files(config_files)
+        _warn_unknown_keys(config_files, sys.argv[1:])
         _prepare_dataset(args.model, args.dataset, config_files)
     except UsageError as error:
         print(f"run_recbole: error: {error}", file=sys.stderr)

@@ -25,8 +25,10 @@ No RecBole file is edited: we only add missing names, wrap functions and swap mo
    user writes ``train_neg_sample_args: ~``: ``run_recbole --model=SASRec`` fails out of the box. When the
    loss is CE and the user set no ``train_neg_sample_args`` anywhere, we use ``None`` (no sampling), the only
    value RecBole accepts there; a value the user sets is left for RecBole to judge.
-5. ray 2.6.3 (imported by RecBole's quick start) imports ``pkg_resources``, whose deprecation warning is
-   printed on every run; it is silenced (``setuptools<81`` is pinned so that the module still exists).
+5. Noise on every run: ray 2.6.3 (imported by RecBole's quick start) imports ``pkg_resources``, whose
+   deprecation warning is silenced (``setuptools<81`` is pinned so that the module still exists); pandas 2.x
+   warns about RecBole's in-place ``fillna`` on a column (chained assignment, a no-op only from pandas 3,
+   which is why ``pandas<3`` is pinned); those warnings raised from RecBole's code are silenced too.
 """
 from __future__ import annotations
 
@@ -235,6 +237,7 @@ def apply() -> None:
         return
     _add_numpy_aliases()
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*inplace method", category=FutureWarning, module=r"recbole\.")
     _undo_sine_anomaly_mode()
     _default_no_sampling_for_ce_models()
     _install_safe_checkpoint_loading()

@@ -64,3 +64,13 @@ def test_unreadable_yaml_names_the_file(tmp_path, content, expected):
 def test_missing_config_file_is_named(tmp_path):
     result = run_cli(["--model=SASRec", *TINY[:2], f"--config_files={tmp_path / 'nope.yaml'}"], cwd=tmp_path)
     assert result.returncode == 2 and "config file not found" in result.stderr and "nope.yaml" in result.stderr
+
+
+def test_unknown_key_is_warned_with_a_suggestion(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("hiden_size: 16\n")
+    result = run_cli(["--model=SASRec", *TINY[:2], f"--config_files={FIXTURES / 'tiny-seq.yaml'} {typo}",
+                      "--epochs=1", "--learing_rate=0.01"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unknown key 'hiden_size'" in result.stderr and "did you mean 'hidden_size'" in result.stderr
+    assert "unknown key 'learing_rate'" in result.stderr and "did you mean 'learning_rate'" in result.stderr
