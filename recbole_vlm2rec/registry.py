@@ -29,8 +29,17 @@ from typing import Dict, List, Optional
 
 from recbole_vlm2rec import compat
 
-# recbole_vlm2rec.properties is the top-level properties/ folder, shipped as package data.
-PROPERTIES_DIR = Path(importlib.import_module("recbole_vlm2rec.properties").__file__).parent
+
+def _properties_dir() -> Path:
+    """The top-level properties/ folder: package data ``recbole_vlm2rec.properties`` once installed, the
+    folder beside the package when run from a source checkout that was not installed."""
+    try:
+        return Path(importlib.import_module("recbole_vlm2rec.properties").__file__).parent
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "properties"
+
+
+PROPERTIES_DIR = _properties_dir()
 
 _RECBOLE_MODEL_SUBMODULES = (
     "general_recommender",
