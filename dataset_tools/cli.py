@@ -1,0 +1,196 @@
+"""``vlm2rec-data``: build RecBole datasets (atomic files + item text + images) for recbole-vlm2rec.
+
+Subcommands: ``amazon`` (raw Amazon 2014/2018/2023 reviews + metadata), ``synthetic`` (a generated
+multimodal catalog with planted signal), ``demo`` (the small offline ``vlm2rec-demo`` dataset) and
+``from-sequences`` (per-user ordered item lists).
+
+Exit codes:
+  0    the dataset was written (bad records, if any, were skipped, counted and listed; see the summary);
+  1    the conversion could not be done: a missing or unreadable file, an undetectable release, nothing
+       left after filtering, a write error; the message names the file and what to do; no half-written
+       file and no NAME.stats.json is left (a rerun resumes the image downloads);
+  2    wrong command-line usage (argparse's message);
+  130  interrupted (Ctrl-C); finished images are kept and a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+from .amazon import VERSIONS
+from .convert import AmazonJob, Result, convert_amazon, format_summary
+from .demo import DEMO_NAME, ensure_demo_dataset
+from .images import ImageOptions
+from .problems import FatalInputError, Problems
+from .sequences import convert_sequences
+from .synthetic import SyntheticSpec, build_synthetic, oracle_hit_rates
+
+EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130   # 2 (usage) is argparse's own exit
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _signal(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _add_image_options(p: argparse.ArgumentParser, default_size: int, default_format: str) -> None:
+    p.add_argument("--image-size", type=_positive_int, default=default_size, metavar="PX",
+                   help=f"side of the stored square RGB images (default {default_size})")
+    p.add_argument("--image-format", choices=("jpg", "png"), default=default_format,
+                   help=f"stored image format (default {default_format})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm2rec-data",
+        description="Build RecBole datasets with item text and images for recbole-vlm2rec. Output: "
+                    "DIR/NAME/{NAME.inter, NAME.item, NAME.text.jsonl, images/, NAME.stats.json, "
+                    "NAME.problems.jsonl}.",
+        epilog="Exit codes: 0 written (bad records skipped and listed), 1 cannot convert (message says why), "
+               "2 usage error, 130 interrupted (rerun resumes).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("amazon", help="convert Amazon 2014/2018/2023 reviews + metadata",
+                       description="Convert raw Amazon reviews and item metadata (json/jsonl, gzipped or not; "
+                                   "2014 Python-literal metadata; ratings CSV) into RecBole atomic files, the "
+                                   "item text sidecar and a local image store. Items without metadata are "
+                                   "dropped, (user, item) pairs deduplicated (earliest kept), then an iterative "
+                                   "k-core is applied. Reruns resume image downloads.")
+    p.add_argument("--reviews", type=pathlib.Path, required=True, metavar="FILE", help="reviews or ratings file")
+    p.add_argument("--meta", type=pathlib.Path, required=True, metavar="FILE", help="item metadata file")
+    p.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR",
+                   help="data path; the dataset is written to DIR/NAME/")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name (RecBole's --dataset)")
+    p.add_argument("--version", choices=("auto",) + VERSIONS, default="auto",
+                   help="Amazon release of the files (default: detected from their keys)")
+    p.add_argument("--kcore", type=_non_negative_int, default=5, metavar="K",
+                   help="keep users and items with at least K interactions, iteratively (default 5; 0 = off)")
+    p.add_argument("--min-rating", type=float, default=None, metavar="R",
+                   help="drop interactions rated below R (and those without a rating)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images-dir", type=pathlib.Path, default=None, metavar="DIR",
+                     help="take images from DIR (files named <item_id>.<ext> or like the URL's file name)")
+    src.add_argument("--download-images", action="store_true",
+                     help="download http(s) image URLs (resumable; see --workers, --timeout, --retries)")
+    _add_image_options(p, 224, "jpg")
+    p.add_argument("--require-image", action="store_true",
+                   help="drop items without a usable image (then the k-core is applied again)")
+    p.add_argument("--workers", type=_positive_int, default=8, metavar="N", help="download/decode threads (default 8)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for a connection or the next bytes (default 10)")
+    p.add_argument("--retries", type=_non_negative_int, default=3, metavar="N",
+                   help="extra tries after timeouts, connection errors, HTTP 408/429/5xx (default 3)")
+    p.add_argument("--backoff", type=float, default=0.5, metavar="S",
+                   help="first wait between tries, doubled each time (default 0.5)")
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="processes parsing a large reviews file (default: one per core, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("synthetic", help="generate a multimodal catalog with planted signal, then convert it",
+                       description="Write a deterministic catalog in the Amazon 2023 raw format (DIR/NAME/raw/: "
+                                   "reviews.jsonl, meta.jsonl, images/) and convert it like `amazon`. Item titles "
+                                   "reveal one latent attribute (a scent theme), images another (a pattern drawn "
+                                   "under random colours); users' next items depend on both. The latent "
+                                   "attributes are stored in NAME.latent.json only.")
+    p.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR", help="data path (DIR/NAME/)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
+    p.add_argument("--seed", type=int, required=True, help="random seed; same seed, same bytes")
+    p.add_argument("--items", type=_positive_int, default=400, help="catalog size (default 400)")
+    p.add_argument("--users", type=_positive_int, default=1000, help="number of users (default 1000)")
+    p.add_argument("--text-signal", type=_signal, default=1.0, metavar="X",
+                   help="how strongly the next item follows the text attribute, 0..1 (default 1)")
+    p.add_argument("--image-signal", type=_signal, default=1.0, metavar="Y",
+                   help="how strongly the next item follows the image attribute, 0..1 (default 1)")
+    p.add_argument("--kcore", type=_non_negative_int, default=5, metavar="K", help="k-core (default 5)")
+    _add_image_options(p, 128, "png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("demo", help="build the small offline dataset vlm2rec-demo",
+                       description="Build DIR/vlm2rec-demo (360 items, 1000 users, 64 px images) in seconds on "
+                                   "CPU; nothing is done if it is already there. run_recbole does this itself "
+                                   "when --dataset=vlm2rec-demo is missing from its data path.")
+    p.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR", help="data path")
+
+    p = sub.add_parser("from-sequences", help="convert per-user ordered item lists",
+                       description='Convert a JSON object {"<user>": [<item>, ...], ...} (each list in time '
+                                   'order) into NAME.inter with timestamps 1, 2, 3, ... per user.')
+    p.add_argument("--input", type=pathlib.Path, required=True, metavar="FILE", help="JSON file")
+    p.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR", help="data path (DIR/NAME/)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
+    p.add_argument("--kcore", type=_non_negative_int, default=0, metavar="K",
+                   help="iterative k-core (default 0: keep the sequences as given)")
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "amazon":
+        job = AmazonJob(reviews=args.reviews, meta=args.meta, out=args.out, dataset=args.dataset,
+                        version=args.version, kcore=args.kcore, min_rating=args.min_rating,
+                        require_image=args.require_image, progress=not args.no_progress, parse_workers=args.jobs,
+                        images=ImageOptions(size=args.image_size, fmt=args.image_format,
+                                            images_dir=args.images_dir, download=args.download_images,
+                                            workers=args.workers, timeout=args.timeout, retries=args.retries,
+                                            backoff=args.backoff))
+        result = convert_amazon(job)
+    elif args.command == "synthetic":
+        spec = SyntheticSpec(seed=args.seed, items=args.items, users=args.users, text_signal=args.text_signal,
+                             image_signal=args.image_signal, image_size=args.image_size)
+        try:
+            spec.check()
+        except ValueError as e:
+            parser.error(f"synthetic: {e}")      # exits with status 2
+        result = build_synthetic(args.out, args.dataset, spec, kcore=args.kcore, image_format=args.image_format,
+                                 progress=not args.no_progress)
+    elif args.command == "demo":
+        dataset_dir = ensure_demo_dataset(args.out)
+        stats = json.loads((dataset_dir / f"{DEMO_NAME}.stats.json").read_text(encoding="utf-8"))
+        result = Result(dataset_dir, stats, Problems())
+    else:
+        result = convert_sequences(args.input, args.out, args.dataset, kcore=args.kcore)
+    for line in result.problems.summary_lines():
+        print(line, file=sys.stderr)
+    print(format_summary(result))
+    if result.stats["source"]["kind"] == "synthetic":
+        rates = oracle_hit_rates(result.dataset_dir, result.stats["dataset"])
+        print("  planted signal, Hit@10 of oracles that know the latent attributes: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _run(parser, args)
+    except FatalInputError as e:
+        print(f"vlm2rec-data {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except OSError as e:
+        print(f"vlm2rec-data {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print(f"vlm2rec-data {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

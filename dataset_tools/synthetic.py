@@ -1,0 +1,280 @@
+"""A deterministic multimodal catalog with planted signal, written in the Amazon 2023 raw format.
+
+What is planted (the *latent attributes*, stored only in ``NAME.latent.json``):
+
+* text attribute, a scent theme (:data:`THEMES`): every item's title and description name words of
+  its theme ("Everglow Velvet Lavender Face Cream"), among words that are random with respect to
+  every latent attribute (brand, adjective, product kind, categories);
+* image attribute, a pattern (:data:`PATTERNS`): horizontal/vertical/diagonal stripes, checkerboard,
+  dots, rings, a cross or a triangle, drawn with a random period, phase and position in two random
+  colours plus pixel noise. Colour says nothing about the attribute, so a randomly initialised
+  vision model (which separates flat colours well, DESIGN.md section 4) does not get it for free:
+  shape and texture have to be learned.
+
+Users: each has two interests, each a (theme, pattern) pair; a sequence stays with its current
+interest (switching with probability :data:`SWITCH`), and each next item is drawn among the items not
+yet consumed with weight ``popularity * exp(SHARPNESS * (text_signal * same_theme +
+image_signal * same_pattern))``. So the next item depends on both modalities; ``text_signal`` and
+``image_signal`` (0..1) set how much. :func:`oracle_hit_rates` scores with the true attributes of a
+user's last item: both attributes beat either alone by a wide margin with the default signals.
+
+Every random draw comes from a stream keyed by (seed, purpose, index), so the output is the same
+bytes for the same seed and library versions, whatever the order of work.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from .atomic import atomic_path, write_json, write_jsonl
+from .convert import AmazonJob, Result, convert_amazon, prepare_dataset_dir
+from .images import ImageOptions
+
+THEMES = (
+    ("floral", ("rose", "jasmine", "lavender", "peony", "lily")),
+    ("citrus", ("lemon", "orange", "grapefruit", "lime", "bergamot")),
+    ("woody", ("cedar", "sandalwood", "oak", "pine", "vetiver")),
+    ("sweet", ("vanilla", "caramel", "honey", "cocoa", "almond")),
+    ("fresh", ("mint", "eucalyptus", "cucumber", "aloe", "seaweed")),
+    ("fruity", ("berry", "peach", "cherry", "mango", "apple")),
+    ("spicy", ("cinnamon", "ginger", "clove", "pepper", "cardamom")),
+    ("earthy", ("clay", "moss", "sage", "patchouli", "matcha")),
+)
+PATTERNS = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "dots", "rings",
+            "cross", "triangle")
+_PRODUCTS = (("Face Cream", "Skin Care"), ("Serum", "Skin Care"), ("Body Lotion", "Body Care"),
+             ("Shampoo", "Hair Care"), ("Lip Balm", "Lip Care"), ("Face Mask", "Skin Care"),
+             ("Bar Soap", "Bath"), ("Hair Oil", "Hair Care"), ("Shower Gel", "Bath"),
+             ("Body Scrub", "Body Care"), ("Face Mist", "Skin Care"), ("Cleanser", "Skin Care"))
+_ADJECTIVES = ("Gentle", "Daily", "Rich", "Light", "Pure", "Soft", "Velvet", "Bright", "Calm", "Silky",
+               "Classic", "Nourishing")
+_BRANDS = ("Aurelia", "Bloomwell", "Corbelle", "Dewline", "Everglow", "Fernhill", "Glowry", "Hazelby",
+           "Ivory Lane", "Juniper", "Kindred", "Lumen")
+_REVIEW_WORDS = ("Love it.", "Works well.", "Nice texture.", "Would buy again.", "Smells great.",
+                 "A bit pricey.", "Lasts long.", "My favourite.")
+
+SHARPNESS = 4.0        # how peaked the choice of the next item is around the current interest
+SWITCH = 0.25          # probability of switching to the user's other interest at each step
+_T0_MS = 1_577_836_800_000   # 2020-01-01, start of the review clock (milliseconds, as in 2023 files)
+
+
+@dataclass
+class SyntheticSpec:
+    seed: int = 0
+    items: int = 400
+    users: int = 1000
+    text_signal: float = 1.0
+    image_signal: float = 1.0
+    image_size: int = 128            # generated (and stored) image side in pixels
+    text_values: int = 6             # how many themes are used (at most len(THEMES))
+    image_values: int = 6            # how many patterns are used (at most len(PATTERNS))
+    min_history: int = 5
+    max_history: int = 20
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.seed < 0:
+            raise ValueError(f"the seed must be 0 or more, got {self.seed}")
+        if not 1 <= self.text_values <= len(THEMES) or not 1 <= self.image_values <= len(PATTERNS):
+            raise ValueError(f"text_values must be 1..{len(THEMES)} and image_values 1..{len(PATTERNS)}")
+        if not 1 <= self.min_history <= self.max_history < self.items:
+            raise ValueError(f"the catalog needs more items ({self.items}) than the longest history "
+                             f"({self.max_history}), and 1 <= min_history <= max_history")
+        if not (0 <= self.text_signal <= 1 and 0 <= self.image_signal <= 1):
+            raise ValueError("text_signal and image_signal must be in [0, 1]")
+
+
+def _rng(seed: int, purpose: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, purpose, index])
+
+
+# ------------------------------------------------------------------------------------------- images
+
+def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random background and foreground colours, far enough apart for the pattern to stay visible."""
+    bg = rng.uniform(0, 255, 3)
+    while True:
+        fg = rng.uniform(0, 255, 3)
+        if np.linalg.norm(fg - bg) > 120:
+            return bg, fg
+
+
+def draw_pattern(pattern: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """An RGB uint8 image of pattern ``PATTERNS[pattern]`` with random geometry and colours."""
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    period = rng.uniform(0.14, 0.24)
+    phase, phase2 = rng.uniform(0, 1, 2)
+    cx, cy = rng.uniform(0.35, 0.65, 2)
+    name = PATTERNS[pattern]
+    if name == "horizontal_stripes":
+        mask = (yy / period + phase) % 1 < 0.5
+    elif name == "vertical_stripes":
+        mask = (xx / period + phase) % 1 < 0.5
+    elif name == "diagonal_stripes":
+        mask = ((xx + yy) / (period * 1.4142) + phase) % 1 < 0.5
+    elif name == "checkerboard":
+        mask = (np.floor(xx / period + phase) + np.floor(yy / period + phase2)) % 2 == 0
+    elif name == "dots":
+        fx = (xx / period + phase) % 1 - 0.5
+        fy = (yy / period + phase2) % 1 - 0.5
+        mask = fx ** 2 + fy ** 2 < 0.3 ** 2
+    elif name == "rings":
+        mask = (np.hypot(xx - cx, yy - cy) / period + phase) % 1 < 0.5
+    elif name == "cross":
+        half = rng.uniform(0.07, 0.12)
+        arm = rng.uniform(0.3, 0.42)
+        mask = (((np.abs(xx - cx) < half) & (np.abs(yy - cy) < arm))
+                | ((np.abs(yy - cy) < half) & (np.abs(xx - cx) < arm)))
+    else:  # triangle: apex up, base below, with jittered corners
+        h = rng.uniform(0.55, 0.75)
+        top, bottom = cy - h / 2, cy + h / 2
+        half_base = rng.uniform(0.3, 0.42)
+        width_at_y = (yy - top) / h * half_base
+        mask = (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= width_at_y)
+    bg, fg = _two_colours(rng)
+    img = np.where(mask[..., None], fg, bg) + rng.normal(0, 10, (size, size, 3))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ catalog
+
+def generate_raw(raw_dir: pathlib.Path, spec: SyntheticSpec, progress: bool = True) -> dict:
+    """Write ``raw_dir/{reviews.jsonl, meta.jsonl, images/}`` (Amazon 2023 format); return the latents."""
+    spec.check()
+    raw_dir = pathlib.Path(raw_dir)
+    (raw_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = _rng(spec.seed, 0)
+    # Balanced attributes: each theme and each pattern on about the same number of items, independently.
+    theme = rng.permutation(np.arange(spec.items) % spec.text_values)
+    pattern = rng.permutation(np.arange(spec.items) % spec.image_values)
+    popularity = rng.gamma(2.0, 1.0, spec.items)
+    item_ids = [f"S{spec.seed % 1000:03d}{k:06d}" for k in range(spec.items)]
+
+    meta = []
+    for k in tqdm(range(spec.items), desc="synthetic items", disable=None if progress else True):
+        r = _rng(spec.seed, 1, k)
+        words = r.choice(THEMES[theme[k]][1], 3, replace=False)
+        product, category = _PRODUCTS[r.integers(len(_PRODUCTS))]
+        adjective = _ADJECTIVES[r.integers(len(_ADJECTIVES))]
+        brand = _BRANDS[r.integers(len(_BRANDS))]
+        image_file = f"images/{item_ids[k]}.png"
+        with atomic_path(raw_dir / image_file) as tmp:
+            Image.fromarray(draw_pattern(int(pattern[k]), spec.image_size, r)).save(tmp, format="PNG")
+        meta.append({
+            "main_category": "All Beauty",
+            "title": f"{brand} {adjective} {words[0].capitalize()} {product}",
+            "average_rating": round(float(r.uniform(3.5, 5.0)), 1),
+            "rating_number": int(r.integers(5, 500)),
+            "features": [f"{int(r.integers(2, 20)) * 25} ml", "Made in small batches"],
+            "description": [f"{adjective} {product.lower()} with notes of {words[1]} and {words[2]}."],
+            "price": round(float(r.uniform(4, 60)), 2),
+            "images": [{"thumb": None, "large": image_file, "variant": "MAIN", "hi_res": None}],
+            "videos": [],
+            "store": brand,
+            "categories": ["Beauty & Personal Care", category],
+            "details": {},
+            "parent_asin": item_ids[k],
+            "bought_together": None,
+        })
+
+    # Sampling weights of every item for every (theme, pattern) interest.
+    cells = [(t, v) for t in range(spec.text_values) for v in range(spec.image_values)]
+    same_t = theme[None, :] == np.array([t for t, _ in cells])[:, None]
+    same_v = pattern[None, :] == np.array([v for _, v in cells])[:, None]
+    weights = popularity[None, :] * np.exp(SHARPNESS * (spec.text_signal * same_t + spec.image_signal * same_v))
+    cell_sizes = np.array([np.sum((theme == t) & (pattern == v)) for t, v in cells], dtype=np.float64)
+
+    reviews, users = [], {}
+    for u in range(spec.users):
+        r = _rng(spec.seed, 2, u)
+        user_id = f"U{u:06d}"
+        interests = r.choice(len(cells), 2, replace=False, p=cell_sizes / cell_sizes.sum())
+        users[user_id] = {"interests": [list(cells[c]) for c in interests]}
+        length = int(r.integers(spec.min_history, spec.max_history + 1))
+        current = int(r.integers(2))
+        consumed = np.zeros(spec.items, dtype=bool)
+        clock = _T0_MS + int(r.integers(0, 365 * 86_400_000))
+        for step in range(length):
+            if step and r.random() < SWITCH:
+                current = 1 - current
+            w = np.where(consumed, 0.0, weights[interests[current]])
+            j = int(np.searchsorted(np.cumsum(w), r.random() * w.sum(), side="right"))
+            consumed[j] = True
+            clock += int(r.integers(3_600_000, 30 * 86_400_000))
+            reviews.append({
+                "rating": float(r.integers(3, 6)), "title": "Review", "text": str(r.choice(_REVIEW_WORDS)),
+                "images": [], "asin": item_ids[j], "parent_asin": item_ids[j], "user_id": user_id,
+                "timestamp": clock, "helpful_vote": 0, "verified_purchase": True,
+            })
+    write_jsonl(raw_dir / "meta.jsonl", meta)
+    write_jsonl(raw_dir / "reviews.jsonl", reviews)
+    return {
+        "spec": asdict(spec),
+        "text_attribute": {"name": "scent_theme", "values": [t for t, _ in THEMES[:spec.text_values]]},
+        "image_attribute": {"name": "pattern", "values": list(PATTERNS[:spec.image_values])},
+        "items": {item_ids[k]: {"text": int(theme[k]), "image": int(pattern[k])} for k in range(spec.items)},
+        "users": users,
+    }
+
+
+def build_synthetic(out, name: str, spec: SyntheticSpec, kcore: int = 5, image_format: str = "png",
+                    progress: bool = True) -> Result:
+    """Generate ``out/name/raw/`` and convert it into ``out/name/`` (plus ``name.latent.json``)."""
+    dataset_dir = prepare_dataset_dir(out, name)
+    raw_dir = dataset_dir / "raw"
+    latent = generate_raw(raw_dir, spec, progress)
+    write_json(dataset_dir / f"{name}.latent.json", latent)
+    return convert_amazon(AmazonJob(
+        reviews=raw_dir / "reviews.jsonl", meta=raw_dir / "meta.jsonl", out=pathlib.Path(out), dataset=name,
+        version="2023", kcore=kcore, progress=progress,
+        images=ImageOptions(size=spec.image_size, fmt=image_format, workers=1),
+        # Paths relative to the dataset directory: the demo is built elsewhere and renamed into place.
+        source_extra={"kind": "synthetic", "seed": spec.seed, "reviews": "raw/reviews.jsonl",
+                      "meta": "raw/meta.jsonl", "latent": f"{name}.latent.json"}))
+
+
+def read_latent(dataset_dir, name: str) -> dict:
+    path = pathlib.Path(dataset_dir) / f"{name}.latent.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no latent attributes (only synthetic datasets have them)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
+    """Hit@k of the last item of each user for scorers that know the true latent attributes.
+
+    The target is each user's last item; each scorer ranks the items not in the user's history by
+    agreement with the attributes of the last history item: ``both`` weighs theme and pattern matches
+    by the generator's signals, ``text`` and ``image`` use one attribute, ``popularity`` none. Ties
+    are broken by how often items occur in the histories.
+    """
+    latent = read_latent(dataset_dir, name)
+    inter = pd.read_csv(pathlib.Path(dataset_dir) / f"{name}.inter", sep="\t", dtype=str, keep_default_na=False)
+    inter.columns = [c.split(":")[0] for c in inter.columns]
+    inter["timestamp"] = inter["timestamp"].astype(float)
+    items = sorted(set(inter["item_id"]))
+    index = {it: n for n, it in enumerate(items)}
+    theme = np.array([latent["items"][it]["text"] for it in items])
+    pattern = np.array([latent["items"][it]["image"] for it in items])
+    wt, wv = latent["spec"]["text_signal"], latent["spec"]["image_signal"]
+    sequences = [[index[x] for x in g["item_id"]]
+                 for _, g in inter.sort_values(["user_id", "timestamp"], kind="stable").groupby("user_id", sort=True)]
+    counts = np.zeros(len(items))
+    for seq in sequences:
+        np.add.at(counts, seq[:-1], 1)
+    tie_break = 1e-3 * counts / max(counts.max(), 1)
+    weights = {"both": (wt, wv), "text": (1.0, 0.0), "image": (0.0, 1.0), "popularity": (0.0, 0.0)}
+    hits = dict.fromkeys(weights, 0)
+    for seq in sequences:
+        last, target = seq[-2], seq[-1]
+        for scorer, (a, b) in weights.items():
+            score = a * (theme == theme[last]) + b * (pattern == pattern[last]) + tie_break
+            score[seq[:-1]] = -np.inf
+            hits[scorer] += int(np.sum(score > score[target]) < k)
+    return {scorer: h / len(sequences) for scorer, h in hits.items()}

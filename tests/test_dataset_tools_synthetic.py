@@ -1,0 +1,181 @@
+"""Synthetic catalog (planted signal, determinism), the vlm2rec-demo dataset, and from-sequences."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset_tools.atomic import read_item_sidecar
+from dataset_tools.cli import main
+from dataset_tools.demo import DEMO_NAME, ensure_demo_dataset
+from dataset_tools.sequences import convert_sequences
+from dataset_tools.synthetic import (PATTERNS, THEMES, SyntheticSpec, build_synthetic, draw_pattern, oracle_hit_rates,
+                                     read_latent)
+
+REPO = Path(__file__).resolve().parents[1]
+BEAUTY = REPO.parent / "shared" / "data" / "amazon-beauty-2014-5core" / "Beauty.inter.json"
+
+
+def tree_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    spec = SyntheticSpec(seed=7, items=96, users=120, image_size=32)
+    for out in ("a", "b"):
+        build_synthetic(tmp_path / out, "syn", spec, kcore=2, progress=False)
+    assert tree_bytes(tmp_path / "a" / "syn") == tree_bytes(tmp_path / "b" / "syn")
+    build_synthetic(tmp_path / "c", "syn", SyntheticSpec(seed=8, items=96, users=120, image_size=32), kcore=2,
+                    progress=False)
+    assert (tmp_path / "a/syn/syn.inter").read_bytes() != (tmp_path / "c/syn/syn.inter").read_bytes()
+
+
+def test_synthetic_cli_writes_amazon_2023_raw_files_and_converts(tmp_path, capsys):
+    assert main(["synthetic", "--out", str(tmp_path), "--dataset", "syn", "--seed", "3", "--items", "80",
+                 "--users", "100", "--image-size", "24", "--kcore", "2", "--no-progress"]) == 0
+    d = tmp_path / "syn"
+    meta = [json.loads(line) for line in (d / "raw" / "meta.jsonl").read_text().splitlines()]
+    review = json.loads((d / "raw" / "reviews.jsonl").read_text().splitlines()[0])
+    assert {"parent_asin", "title", "images", "store", "categories"} <= meta[0].keys()
+    assert meta[0]["images"][0]["large"].startswith("images/") and meta[0]["images"][0]["hi_res"] is None
+    assert {"user_id", "parent_asin", "rating", "timestamp"} <= review.keys() and review["timestamp"] > 1e12
+    stats = json.loads((d / "syn.stats.json").read_text())
+    assert stats["source"]["kind"] == "synthetic" and stats["share_items_with_image"] == 1.0
+    assert stats["problems"] == {}
+    assert "planted signal, Hit@10 of oracles" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    build_synthetic(out, "syn", SyntheticSpec(seed=1, items=300, users=600, image_size=16), progress=False)
+    return out / "syn"
+
+
+def test_oracle_with_both_attributes_beats_either_alone(catalog):
+    rates = oracle_hit_rates(catalog, "syn")
+    assert rates["both"] > rates["text"] + 0.1 and rates["both"] > rates["image"] + 0.1
+    assert min(rates["text"], rates["image"]) > rates["popularity"] + 0.05
+
+
+def test_signal_knob_removes_a_modality(tmp_path):
+    build_synthetic(tmp_path, "notext", SyntheticSpec(seed=1, items=300, users=600, image_size=16, text_signal=0.0),
+                    progress=False)
+    rates = oracle_hit_rates(tmp_path / "notext", "notext")
+    assert rates["text"] < rates["popularity"] + 0.05       # the theme no longer predicts the next item
+    assert rates["image"] > rates["popularity"] + 0.1
+
+
+def test_titles_reveal_the_theme_and_nothing_else_does(catalog):
+    latent = read_latent(catalog, "syn")
+    text = read_item_sidecar(catalog, "syn")
+    for item_id, rec in text.items():
+        theme = latent["items"][item_id]["text"]
+        title_words = set(re.findall(r"[a-z]+", rec["title"].lower()))
+        all_words = title_words | set(re.findall(r"[a-z]+", rec["description"].lower()))
+        assert title_words & set(THEMES[theme][1])
+        others = {w for k, (_, words) in enumerate(THEMES) if k != theme for w in words}
+        assert not all_words & others
+        assert len(rec["title"].split()) <= 12
+    # Neither brand nor categories carry a latent attribute: every brand spans several themes.
+    themes_of_brand = {}
+    for item_id, rec in text.items():
+        themes_of_brand.setdefault(rec["brand"], set()).add(latent["items"][item_id]["text"])
+    assert all(len(t) > 1 for t in themes_of_brand.values())
+
+
+def _same_class_nn(features: np.ndarray, labels: np.ndarray) -> float:
+    f = features - features.mean(0)
+    f = f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-9)
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)
+    return float(np.mean(labels[sim.argmax(1)] == labels))
+
+
+def test_image_attribute_needs_learning():
+    """Colour and untrained conv features barely beat chance; a colour-blind structural feature (the
+    spectrum of the image) finds the pattern almost always: the signal is there, but must be learned."""
+    n_classes, n = 6, 360
+    labels = np.arange(n) % n_classes
+    imgs = np.stack([draw_pattern(int(c), 56, np.random.default_rng([5, k])) for k, c in enumerate(labels)])
+    x = imgs.astype(np.float32) / 255.0
+    chance = 1 / n_classes
+    assert _same_class_nn(x.mean((1, 2)), labels) < chance + 0.1
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with torch.no_grad():
+        random_features = net(torch.from_numpy(x).permute(0, 3, 1, 2) * 2 - 1).numpy()
+    assert _same_class_nn(random_features, labels) < chance + 0.25
+    pooled = x.reshape(n, 28, 2, 28, 2, 3).mean((2, 4))              # 2x2 average: less pixel noise
+    centred = np.linalg.norm(pooled - pooled.mean((1, 2), keepdims=True), axis=3)   # colour-blind contrast
+    spectrum = np.abs(np.fft.fft2(centred - centred.mean((1, 2), keepdims=True)))
+    assert _same_class_nn(np.log1p(spectrum).reshape(n, -1), labels) > 0.85
+    assert len(PATTERNS) >= n_classes
+
+
+_ENSURE = "import sys; from dataset_tools.demo import ensure_demo_dataset; print(ensure_demo_dataset(sys.argv[1]))"
+
+
+def test_demo_builds_once_atomically_even_when_raced(tmp_path):
+    data_path = tmp_path / "data"
+    abandoned = data_path / f".{DEMO_NAME}.tmp-999999999-x"        # left by a killed build (no such pid)
+    abandoned.mkdir(parents=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _ENSURE, str(data_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    target = data_path / DEMO_NAME
+    assert {o.strip() for o, _ in outs} == {str(target)}
+    assert os.listdir(data_path) == [DEMO_NAME]                      # no staging directory left behind
+
+    stats = json.loads((target / f"{DEMO_NAME}.stats.json").read_text())
+    assert stats["users"] == 1000 and 300 <= stats["items"] <= 400
+    assert 5 <= stats["mean_sequence_length"] <= 20 and stats["share_items_with_image"] == 1.0
+    text = read_item_sidecar(target, DEMO_NAME)
+    assert all(len(r["title"].split()) < 12 for r in text.values())
+    with Image.open(target / next(iter(text.values()))["image"]) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+    assert set(read_latent(target, DEMO_NAME)["items"]) >= set(text)
+
+    before = (target / f"{DEMO_NAME}.stats.json").stat().st_mtime_ns
+    assert ensure_demo_dataset(data_path) == target                   # already there: nothing rebuilt
+    assert (target / f"{DEMO_NAME}.stats.json").stat().st_mtime_ns == before
+
+    squatted = tmp_path / "other" / DEMO_NAME
+    squatted.mkdir(parents=True)
+    (squatted / "notes.txt").write_text("someone's file")
+    with pytest.raises(FileExistsError, match="not a complete"):
+        ensure_demo_dataset(tmp_path / "other")
+
+
+def test_from_sequences(tmp_path):
+    src = tmp_path / "seq.json"
+    src.write_text(json.dumps({"7": [3, 1, 3, 2], "8": ["1", "2"], "9": "oops", "10": [1, None, 2.5, 2]}))
+    result = convert_sequences(src, tmp_path, "seq")
+    lines = (tmp_path / "seq" / "seq.inter").read_text().splitlines()
+    assert lines[0] == "user_id:token\titem_id:token\ttimestamp:float"
+    assert lines[1:] == ["10\t1\t1", "10\t2\t2", "7\t3\t1", "7\t1\t2", "7\t3\t3", "7\t2\t4", "8\t1\t1", "8\t2\t2"]
+    s = result.stats
+    assert (s["users"], s["items"], s["interactions"]) == (3, 3, 8)
+    assert s["source"]["repeated_items_in_sequences"] == 1
+    assert result.problems.counts == {"sequence_not_a_list": 1, "sequence_bad_item": 1}
+    assert {p.where for p in result.problems.entries} == {f"{src}: user 9", f"{src}: user 10"}
+    assert not (tmp_path / "seq" / "seq.item").exists()
+
+
+@pytest.mark.skipif(not BEAUTY.is_file(), reason="shared Amazon Beauty data not present")
+def test_from_sequences_on_amazon_beauty(tmp_path):
+    assert main(["from-sequences", "--input", str(BEAUTY), "--out", str(tmp_path), "--dataset", "beauty"]) == 0
+    stats = json.loads((tmp_path / "beauty" / "beauty.stats.json").read_text())
+    assert (stats["users"], stats["items"], stats["interactions"]) == (22363, 12101, 198502)
+    assert stats["problems"] == {}
