@@ -31,6 +31,7 @@ from torch import Tensor, nn
 MODALITIES = ("text", "image")
 CRITERIA = ("loss", "grad")
 RELATIONS = ("item", "user", "both")
+WPCL_FORMS = ("relative", "absolute")
 
 __all__ = [
     "MODALITIES",
@@ -240,24 +241,41 @@ class InfoNCELoss(nn.Module):
 class WPCLLoss(nn.Module):
     r"""Weak-modality penalized contrastive loss.
 
+    ``form="absolute"`` (DESIGN.md 2.2 as written):
+
     ``L_WPCL = -1/B sum_b log( exp(s_bb/tau) /
     ( exp(s_bb/tau) + sum_{j in N(b), j != b} exp((s_bj + beta_bj * s^w_bj)/tau) ) )``
 
-    ``s`` is the fused score matrix and ``s^w`` the weak modality's. Raising a negative's logit by its
-    weak-modality similarity makes the loss push that similarity down, so gradient reaches the weak
-    modality even when the strong one already separates the batch. ``beta_bj = beta`` where the weak
-    modality is present for user ``b`` and item ``j``, else 0; with ``beta = 0`` the loss is InfoNCE on
-    ``s``, bit for bit. ``N(b)`` and ``row_mask``/``col_mask``/``item_ids`` are as in :func:`info_nce`.
+    ``form="relative"`` (the default): the positive's weak-modality similarity is the reference,
+
+    ``L_WPCL = -1/B sum_b log( exp((s_bb + beta_b s^w_bb)/tau) /
+    ( exp((s_bb + beta_b s^w_bb)/tau) + sum_{j in N(b), j != b} exp((s_bj + beta_b s^w_bj)/tau) ) )``
+
+    i.e. each negative is penalized by ``beta * (s^w_bj - s^w_bb)``. ``s`` is the fused score matrix and
+    ``s^w`` the weak modality's. Raising a negative's logit by its weak-modality similarity makes the loss
+    push that similarity down, so gradient reaches the weak modality even when the strong one already
+    separates the batch. Why the relative form: in the absolute form a *negative* weak similarity is a
+    reward, so a model can drive the loss to zero without ranking anything, by making every user's
+    weak-modality embedding point away from every item's (``s^w_bj = -1`` for all ``j`` lowers each
+    negative's logit by ``beta/tau``); we observed exactly this on the demo (fused loss 0, per-modality
+    losses at chance). The relative form is invariant to such a shift of ``s^w``.
+
+    ``beta_bj = beta`` where the weak modality is present for user ``b`` and item ``j`` (in the relative
+    form: for user ``b``, its positive item and item ``j``), else 0; with ``beta = 0`` the loss is InfoNCE
+    on ``s``, bit for bit, in both forms. ``N(b)`` and ``row_mask``/``col_mask``/``item_ids`` are as in
+    :func:`info_nce`.
 
     Args:
         tau: temperature, > 0 (default 0.05).
         beta: weight of the weak modality's negative similarities, >= 0 (default 1.0).
+        form: ``"relative"`` (default) or ``"absolute"``.
     """
 
-    def __init__(self, tau: float = 0.05, beta: float = 1.0):
+    def __init__(self, tau: float = 0.05, beta: float = 1.0, form: str = "relative"):
         super().__init__()
         self.tau = _positive("tau", tau)
         self.beta = _non_negative("beta", beta)
+        self.form = _choice("form", form, WPCL_FORMS)
 
     def forward(
         self,
@@ -283,7 +301,13 @@ class WPCLLoss(nn.Module):
             ("weak_col_mask", weak_col_mask),
         ):
             _check_mask(name, mask, batch)
-        penalized = ~torch.eye(batch, dtype=torch.bool, device=scores.device)
+        eye = torch.eye(batch, dtype=torch.bool, device=scores.device)
+        if self.form == "absolute":
+            penalized = ~eye
+        else:  # the whole row, positive included, and only where the positive has the weak modality
+            penalized = torch.ones_like(eye)
+            if weak_col_mask is not None:
+                penalized = penalized & weak_col_mask[:, None]
         if weak_row_mask is not None:
             penalized = penalized & weak_row_mask[:, None]
         if weak_col_mask is not None:
@@ -294,7 +318,7 @@ class WPCLLoss(nn.Module):
         return _in_batch_cross_entropy((scores.float() + penalty) / self.tau, item_ids, row_mask, col_mask)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, beta={self.beta}"
+        return f"tau={self.tau}, beta={self.beta}, form={self.form!r}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -520,6 +544,7 @@ class VLM2RecObjective(nn.Module):
         criterion: weak-modality criterion, ``"loss"`` (default) or ``"grad"``.
         relation: CRTR relation, ``"item"`` (default), ``"user"`` or ``"both"``.
         momentum: EMA momentum of the ``loss`` criterion, in [0, 1) (default 0.9).
+        wpcl_form: ``"relative"`` (default) or ``"absolute"``, see :class:`WPCLLoss`.
     """
 
     def __init__(
@@ -531,9 +556,10 @@ class VLM2RecObjective(nn.Module):
         criterion: str = "loss",
         relation: str = "item",
         momentum: float = 0.9,
+        wpcl_form: str = "relative",
     ):
         super().__init__()
-        self.wpcl_loss = WPCLLoss(tau, beta)
+        self.wpcl_loss = WPCLLoss(tau, beta, wpcl_form)
         self.crtr_loss = CRTRLoss(tau_r)
         self.detector = WeakModalityDetector(criterion, momentum)
         self.crtr_weight = _non_negative("crtr_weight", crtr_weight)

@@ -28,8 +28,9 @@ def t(rows):
 # ---------------------------------------------------------------------------- plain-Python references
 
 
-def ref_wpcl(S, W, tau, beta, item_ids=None, rows=None, cols=None, weak_rows=None, weak_cols=None):
-    """-1/|valid| sum_b log(exp(s_bb/tau) / (exp(s_bb/tau) + sum_{j kept} exp((s_bj + beta_bj w_bj)/tau)))."""
+def ref_wpcl(S, W, tau, beta, item_ids=None, rows=None, cols=None, weak_rows=None, weak_cols=None, form="relative"):
+    """-1/|valid| sum_b log(exp(p_b/tau) / (exp(p_b/tau) + sum_{j kept} exp((s_bj + beta_bj w_bj)/tau))),
+    p_b = s_bb (absolute form) or s_bb + beta_b w_bb (relative form, rows whose positive has the weak modality)."""
     n = len(S)
     rows = rows or [True] * n
     cols = cols or [True] * n
@@ -39,13 +40,15 @@ def ref_wpcl(S, W, tau, beta, item_ids=None, rows=None, cols=None, weak_rows=Non
     for b in range(n):
         if not (rows[b] and cols[b]):
             continue
-        denominator = math.exp(S[b][b] / tau)
+        row_on = weak_rows[b] and (form == "absolute" or weak_cols[b])
+        positive = S[b][b] + (beta * W[b][b] if form == "relative" and row_on else 0.0)
+        denominator = math.exp(positive / tau)
         for j in range(n):
             if j == b or not cols[j] or (item_ids is not None and item_ids[j] == item_ids[b]):
                 continue
-            penalty = beta * W[b][j] if (weak_rows[b] and weak_cols[j]) else 0.0
+            penalty = beta * W[b][j] if (row_on and weak_cols[j]) else 0.0
             denominator += math.exp((S[b][j] + penalty) / tau)
-        terms.append(-math.log(math.exp(S[b][b] / tau) / denominator))
+        terms.append(-math.log(math.exp(positive / tau) / denominator))
     return sum(terms) / len(terms) if terms else 0.0
 
 
@@ -169,14 +172,36 @@ def test_wpcl_2x2_by_hand():
     # tau = 0.5, beta = 0.5. Row 0: negative logit (0.1 + 0.5 * -0.5) / 0.5 = -0.3 vs positive 1.8;
     # row 1: (0.3 + 0.5 * 0.4) / 0.5 = 1.0 vs 1.2.
     expected = (math.log1p(math.exp(-2.1)) + math.log1p(math.exp(-0.2))) / 2
-    assert WPCLLoss(0.5, 0.5)(S, W).value.item() == pytest.approx(expected, abs=1e-6)
+    assert WPCLLoss(0.5, 0.5, "absolute")(S, W).value.item() == pytest.approx(expected, abs=1e-6)
     # Row 0 lacks the weak modality: beta = 0 there, plain InfoNCE row log(1 + e^-1.6).
     expected_masked = (math.log1p(math.exp(-1.6)) + math.log1p(math.exp(-0.2))) / 2
+    got = WPCLLoss(0.5, 0.5, "absolute")(S, W, weak_row_mask=torch.tensor([False, True])).value
+    assert got.item() == pytest.approx(expected_masked, abs=1e-6)
+
+
+def test_wpcl_relative_2x2_by_hand():
+    S = t([[0.9, 0.1], [0.3, 0.6]])
+    W = t([[0.2, -0.5], [0.4, 0.1]])
+    # tau = 0.5, beta = 0.5, the positive gets beta * w_bb too. Row 0: positive (0.9 + 0.1) / 0.5 = 2.0,
+    # negative (0.1 - 0.25) / 0.5 = -0.3; row 1: positive (0.6 + 0.05) / 0.5 = 1.3, negative 1.0.
+    expected = (math.log1p(math.exp(-2.3)) + math.log1p(math.exp(-0.3))) / 2
+    assert WPCLLoss(0.5, 0.5)(S, W).value.item() == pytest.approx(expected, abs=1e-6)
+    # Row 0 lacks the weak modality: plain InfoNCE there.
+    expected_masked = (math.log1p(math.exp(-1.6)) + math.log1p(math.exp(-0.3))) / 2
     got = WPCLLoss(0.5, 0.5)(S, W, weak_row_mask=torch.tensor([False, True])).value
     assert got.item() == pytest.approx(expected_masked, abs=1e-6)
 
 
-def test_wpcl_matches_reference_with_all_masks():
+def test_wpcl_absolute_form_is_gamed_by_anti_aligned_weak_modality_relative_is_not():
+    # Nothing is ranked (all fused scores equal), but every weak-modality similarity is -1: the absolute
+    # form rewards that with a near-zero loss; the relative form stays at InfoNCE's log(B).
+    S, W = torch.zeros(4, 4), -torch.ones(4, 4)
+    assert WPCLLoss(0.05, 1.0, "absolute")(S, W).value.item() < 1e-6
+    assert WPCLLoss(0.05, 1.0)(S, W).value.item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute"])
+def test_wpcl_matches_reference_with_all_masks(form):
     g = torch.Generator().manual_seed(1)
     S = torch.rand(5, 5, generator=g) * 2 - 1
     W = torch.rand(5, 5, generator=g) * 2 - 1
@@ -184,8 +209,8 @@ def test_wpcl_matches_reference_with_all_masks():
     rows, cols = [True, True, True, False, True], [True, True, True, True, False]
     weak_rows, weak_cols = [True, False, True, True, True], [True, True, False, True, True]
     masks = (torch.tensor(m) for m in (rows, cols, weak_rows, weak_cols))
-    got = WPCLLoss(0.1, 2.0)(S, W, torch.tensor(ids), *masks).value
-    expected = ref_wpcl(S.tolist(), W.tolist(), 0.1, 2.0, ids, rows, cols, weak_rows, weak_cols)
+    got = WPCLLoss(0.1, 2.0, form)(S, W, torch.tensor(ids), *masks).value
+    expected = ref_wpcl(S.tolist(), W.tolist(), 0.1, 2.0, ids, rows, cols, weak_rows, weak_cols, form)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -476,6 +501,7 @@ def test_objective_text_only_and_image_only(recwarn):
         (lambda: info_nce(torch.eye(2), tau=0.0), r"tau must be > 0, got 0.0"),
         (lambda: WPCLLoss(tau=0.0), r"tau must be > 0"),
         (lambda: WPCLLoss(beta=-1.0), r"beta must be >= 0, got -1.0"),
+        (lambda: WPCLLoss(form="abs"), r"form must be one of 'relative', 'absolute'; got 'abs'"),
         (lambda: CRTRLoss(tau_r=0), r"tau_r must be > 0, got 0"),
         (lambda: WeakModalityDetector(criterion="norm"), r"criterion must be one of 'loss', 'grad'; got 'norm'"),
         (lambda: WeakModalityDetector(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),

@@ -92,6 +92,7 @@ class VLM2Rec(SequentialRecommender):
             criterion=config["weak_criterion"],
             relation=config["crtr_relation"],
             momentum=config["weak_ema_momentum"],
+            wpcl_form=config["wpcl_form"],
         )
         self.interleaved_loss = InfoNCELoss(config["tau"])
         self.diagnostics = ModalityDiagnostics()
