@@ -1,0 +1,1 @@
+from recbole_vlm2rec.models import vlm2rec_sasrec  # noqa: F401
