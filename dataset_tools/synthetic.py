@@ -2,8 +2,9 @@
 
 What is planted (the *latent attributes*, stored only in ``NAME.latent.json``):
 
-* text attribute, a scent theme (:data:`THEMES`): every item's title and description name words of
-  its theme ("Everglow Velvet Lavender Face Cream"), among words that are random with respect to
+* text attribute, a scent theme (:data:`THEMES`): every item's title names its scent family and a
+  scent of it, and its description two more ("Everglow Velvet Floral Lavender Face Cream"), among
+  words that are random with respect to
   every latent attribute (brand, adjective, product kind, categories);
 * image attribute, a pattern (:data:`PATTERNS`): horizontal/vertical/diagonal stripes, checkerboard,
   dots, rings, a cross or a triangle, drawn with a random period, phase and position in two random
@@ -168,7 +169,9 @@ def generate_raw(raw_dir: pathlib.Path, spec: SyntheticSpec, progress: bool = Tr
             Image.fromarray(draw_pattern(int(pattern[k]), spec.image_size, r)).save(tmp, format="PNG")
         meta.append({
             "main_category": "All Beauty",
-            "title": f"{brand} {adjective} {words[0].capitalize()} {product}",
+            # The scent family is named in the title, as real catalogs do ("Floral Rose Lip Balm"): the text
+            # attribute is then one shared word away, learnable in minutes by the demo's tiny random VLM.
+            "title": f"{brand} {adjective} {THEMES[theme[k]][0].capitalize()} {words[0].capitalize()} {product}",
             "average_rating": round(float(r.uniform(3.5, 5.0)), 1),
             "rating_number": int(r.integers(5, 500)),
             "features": [f"{int(r.integers(2, 20)) * 25} ml", "Made in small batches"],
