@@ -15,8 +15,8 @@ No RecBole file is edited: we only add missing names, wrap functions and swap mo
    pickle its ``Config`` object (and the model class, a few enums, a yaml loader class), so reloading the best
    model after ``fit``, ``resume_checkpoint`` and ``load_data_and_model`` all fail. We keep torch's protection
    on: ``load_checkpoint`` lists the globals a checkpoint needs, allows exactly those RecBole's own checkpoints
-   hold (the allow-list below, plus recommender classes from RecBole or registered with this plugin), refuses
-   anything else with ``UnsafeCheckpointError``. torch's weights-only unpickler cannot be used for this: it
+   hold (the allow-list below: a few named globals, classes (never functions) from RecBole, torch.nn and
+   scipy.sparse, and classes registered with this plugin), refuses anything else with ``UnsafeCheckpointError``. torch's weights-only unpickler cannot be used for this: it
    rejects pickle protocol 4, which RecBole writes; so the same allow-list is enforced by a restricted
    unpickler for that one call. RecBole's trainer module sees a ``torch`` whose ``load`` is
    ``load_checkpoint``; ``torch.load``'s weights-only default stays on for the rest of the process.
@@ -65,9 +65,10 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint needs a Python object that RecBole's own checkpoints never hold."""
 
 
-# Exactly the non-tensor globals a RecBole 1.2.1 checkpoint (``Trainer._save_checkpoint``) pickles:
-# the Config object and what its dicts hold. Found by saving checkpoints of built-in and plugin models
-# and listing ``torch.serialization.get_unsafe_globals_in_checkpoint``.
+# The non-class globals and classes outside the modules below that RecBole 1.2.1 checkpoints
+# (``Trainer._save_checkpoint``) pickle: the Config object and what its dicts hold, numpy arrays, and what
+# some models keep as attributes (FDSA/SASRecF pickle their feature layers, which hold the dataset and a
+# logger). Found by saving checkpoints of built-in and plugin models and listing their pickles' globals.
 _ALLOWED_CHECKPOINT_GLOBALS = frozenset(
     {
         "recbole.config.configurator.Config",
@@ -84,8 +85,15 @@ _ALLOWED_CHECKPOINT_GLOBALS = frozenset(
         "numpy.dtype",
         "numpy.dtypes.Float64DType",
         "numpy.dtypes.Int64DType",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.ndarray",
+        "logging.getLogger",
     }
 )
+# Classes (never functions) from these modules: RecBole's own data containers, layers and enums, torch's
+# nn modules that models keep as attributes, scipy sparse matrices (EASE, SLIMElastic, ... keep them).
+_ALLOWED_CLASS_MODULE_PREFIXES = ("recbole.", "torch.nn.modules.", "scipy.sparse.")
 
 # Recommender classes registered by this plugin (filled by recbole_vlm2rec.registry).
 _registered_model_classes: dict = {}
@@ -103,12 +111,10 @@ def _resolve_allowed_global(name: str) -> Any:
     module_name, _, attr = name.rpartition(".")
     if name in _ALLOWED_CHECKPOINT_GLOBALS:
         return getattr(importlib.import_module(module_name), attr)
-    if module_name.startswith("recbole.model."):
-        # A built-in recommender class: RecBole stores ``config.model_class`` in every checkpoint.
-        from recbole.model.abstract_recommender import AbstractRecommender
-
+    if module_name.startswith(_ALLOWED_CLASS_MODULE_PREFIXES):
+        # e.g. the recommender class: RecBole stores ``config.model_class`` in every checkpoint
         obj = getattr(importlib.import_module(module_name), attr, None)
-        if isinstance(obj, type) and issubclass(obj, AbstractRecommender):
+        if isinstance(obj, type):
             return obj
     raise UnsafeCheckpointError(
         f"refusing to load a checkpoint that needs the Python object '{name}': RecBole checkpoints never hold "

@@ -62,3 +62,12 @@ def test_recbole_style_checkpoint_loads(tmp_path):
     torch.save(state, path, pickle_protocol=4)  # exactly how RecBole's Trainer saves
     loaded = load_checkpoint(path)
     assert loaded["config"]["model"] == "SASRec" and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+
+
+def test_recbole_function_is_refused_even_from_recbole(tmp_path):
+    import recbole.utils
+
+    path = tmp_path / "fn.pth"
+    torch.save({"config": recbole.utils.ensure_dir}, path, pickle_protocol=4)
+    with pytest.raises(UnsafeCheckpointError, match="ensure_dir"):
+        load_checkpoint(path)
