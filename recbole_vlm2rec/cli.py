@@ -9,7 +9,8 @@ Before handing over to RecBole, the command checks what RecBole would report bad
 builds the embedded ``vlm2rec-demo`` dataset on first use.
 
 Exit codes: 0 success; 2 bad command line or configuration (unknown model, dataset or config file);
-1 the run itself failed (the message says why).
+1 the run itself failed (bad data or settings found while running: the message names the file, field
+or value and what to do; anything else is a bug and shows its traceback).
 """
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         import recbole_vlm2rec  # noqa: F401
+        from recbole_vlm2rec.errors import VLM2RecError
         from recbole_vlm2rec.registry import UnknownModelError, check_model_name
 
         try:
@@ -209,6 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("run_recbole: interrupted", file=sys.stderr)
         return 130
+    except VLM2RecError as error:  # bad data or settings found while running: the message says what to do
+        print(f"run_recbole: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
