@@ -31,9 +31,11 @@ __all__ = [
 def _register_our_models() -> None:
     from recbole_vlm2rec.data.dataset import VLM2RecDataset
     from recbole_vlm2rec.models.vlm2rec import VLM2Rec
-    from recbole_vlm2rec.trainer import VLM2RecTrainer
+    from recbole_vlm2rec.models.vlm2rec_sasrec import VLM2RecSASRec
+    from recbole_vlm2rec.trainer import ModalityDiagnosticsTrainer, VLM2RecTrainer
 
     register_model(VLM2Rec, dataset_class=VLM2RecDataset, trainer_class=VLM2RecTrainer)
+    register_model(VLM2RecSASRec, trainer_class=ModalityDiagnosticsTrainer)
 
 
 _register_our_models()

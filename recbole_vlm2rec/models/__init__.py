@@ -1,1 +1,1 @@
-from recbole_vlm2rec.models import vlm2rec_sasrec  # noqa: F401
+"""Our RecBole models (registered by name in ``recbole_vlm2rec/__init__.py``)."""

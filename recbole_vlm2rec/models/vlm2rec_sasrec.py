@@ -48,8 +48,6 @@ from recbole_vlm2rec.data.features import ItemFeatures, load_item_features, moda
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
 from recbole_vlm2rec.errors import ConfigError, DataError
 from recbole_vlm2rec.losses import MODALITIES, VLM2RecObjective
-from recbole_vlm2rec.registry import register_model
-from recbole_vlm2rec.trainer import ModalityDiagnosticsTrainer
 
 ITEM_INITS = ("frozen", "finetune")
 
@@ -325,6 +323,3 @@ class VLM2RecSASRec(SequentialRecommender):
         seq_output = self.forward(item_seq, item_seq_len, item_table)
         scores = torch.matmul(seq_output, item_table.transpose(0, 1))  # [B n_items]
         return scores
-
-
-register_model(VLM2RecSASRec, trainer_class=ModalityDiagnosticsTrainer)
