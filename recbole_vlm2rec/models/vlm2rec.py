@@ -50,6 +50,9 @@ class VLM2Rec(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.logger = getLogger()
+        if config["torch_num_threads"]:
+            # small CPU ops slow down badly with more threads than idle cores (30-50x on a busy 2-core machine)
+            torch.set_num_threads(int(config["torch_num_threads"]))
         self.max_history_items = int(config["max_history_items"])
         if self.max_history_items < 1:
             raise ConfigError(f"max_history_items must be >= 1, got {self.max_history_items}")
@@ -60,6 +63,7 @@ class VLM2Rec(SequentialRecommender):
         self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"])
         self.show_progress = bool(config["show_progress"])
         self.checkpoint_trainable_only = bool(config["checkpoint_trainable_only"])
+        self.dataset_name = config["dataset"]
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["amp_dtype"])
         self.enable_amp = bool(config["enable_amp"]) and config["device"].type == "cuda"
 
@@ -299,7 +303,10 @@ class VLM2Rec(SequentialRecommender):
         if not self.use_text:
             arrays.pop("text", None)
         written = export_item_embeddings(
-            os.path.join(directory, "item_embeddings"), tokens, arrays, metadata=self.encoder.describe()
+            os.path.join(directory, "item_embeddings"),
+            tokens,
+            arrays,
+            metadata=dict(self.encoder.describe(), dataset=self.dataset_name, fusion=self.fusion),
         )
         if self.encoder.config.finetune == "lora":
             adapter_dir = os.path.join(directory, "adapter")
