@@ -1,0 +1,143 @@
+"""The ``vlm2rec-compare`` command on the tiny committed fixture (SASRec / GRU4Rec, one epoch).
+
+The first comparison runs the real command in a subprocess; the others call ``compare.main`` in the test
+process (the runs themselves are always subprocesses, as in real use).
+"""
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from helpers import FIXTURES, REPO_ROOT
+
+from recbole_vlm2rec import compare
+
+TINY = [f"--data_path={FIXTURES}", f"--config_files={FIXTURES / 'tiny-seq.yaml'}", "--epochs=1"]
+
+
+def _run_command(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "recbole_vlm2rec.compare", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_models_two_seeds_then_resume(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["--dataset=tiny-seq", "--models=SASRec,GRU4Rec", "--seeds=1,2", f"--out={out}", *TINY]
+    result = _run_command(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("results.csv", "results.md", "runs.csv", "results.png"):
+        assert (out / name).is_file(), name
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for model in ("SASRec", "GRU4Rec"):
+        for seed in (1, 2):
+            run = out / "runs" / f"{model}-seed{seed}"
+            assert (run / "run.log").stat().st_size > 0 and list((run / "saved").glob(f"{model}-*.pth"))
+    assert "[4/4] GRU4Rec seed 2: done" in result.stdout
+
+    rows = {row["model"]: row for row in _csv(out / "results.csv")}
+    assert list(rows) == ["SASRec", "GRU4Rec"]
+    for model, row in rows.items():
+        assert row["status"] == "ok" and row["runs_ok"] == "2" and row["seeds"] == "1 2"
+        assert int(row["params"]) > 0
+        tests = [json.loads((out / "runs" / f"{model}-seed{s}" / "result.json").read_text())["test_result"]
+                 for s in (1, 2)]
+        for metric in ("hit@10", "ndcg@10", "hit@20", "ndcg@20"):
+            values = [t[metric] for t in tests]
+            assert float(row[f"{metric}_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-4)
+            assert float(row[f"{metric}_std"]) == pytest.approx(statistics.stdev(values), rel=1e-4, abs=1e-9)
+        assert float(row["train_time_s_mean"]) > 0 and float(row["eval_time_s_mean"]) > 0
+    assert len(_csv(out / "runs.csv")) == 4
+    markdown = (out / "results.md").read_text()
+    assert "| SASRec | 2/2 |" in markdown and "| GRU4Rec | 2/2 |" in markdown and " ± " in markdown
+    assert "NDCG@20" in markdown and "params" in markdown
+    assert "| SASRec | 2/2 |" in result.stdout  # the table is printed at the end
+
+    # resume: finished runs are skipped, a run whose result.json was deleted runs again
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json") if "SASRec-seed2" not in str(p)}
+    (out / "runs" / "SASRec-seed2" / "result.json").unlink()
+    capsys.readouterr()
+    assert compare.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped, finished before") == 3
+    assert "SASRec seed 2: running" in printed and "SASRec seed 2: done" in printed
+    assert "GRU4Rec seed 1: running" not in printed
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (out / "runs" / "SASRec-seed2" / "result.json").is_file()
+    assert len(_csv(out / "results.csv")) == 2
+
+
+def test_failing_model_is_reported_and_the_others_kept(tmp_path, capsys):
+    bad = tmp_path / "bad-gru.yaml"
+    bad.write_text("loss_type: NOPE\n")
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset=tiny-seq", "--models=SASRec,GRU4Rec", "--seeds=1", f"--out={out}",
+                         f"--model_config=GRU4Rec={bad}", *TINY])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err  # one model finished: exit 0
+    assert "GRU4Rec seed 1: FAILED" in captured.out and "GRU4Rec seed 1 failed" in captured.err
+    rows = {row["model"]: row for row in _csv(out / "results.csv")}
+    assert rows["SASRec"]["status"] == "ok" and float(rows["SASRec"]["ndcg@10_mean"]) >= 0
+    assert rows["GRU4Rec"]["status"] == "failed" and rows["GRU4Rec"]["runs_ok"] == "0"
+    markdown = (out / "results.md").read_text()
+    log = out / "runs" / "GRU4Rec-seed1" / "run.log"
+    assert "## Failed runs" in markdown and "GRU4Rec seed 1" in markdown and str(log) in markdown
+    assert "ValueError" in markdown  # the exception line from the run's log (RecBole rejects loss_type NOPE)
+    assert (out / "runs" / "GRU4Rec-seed1" / "failed.json").is_file()
+    assert not (out / "runs" / "GRU4Rec-seed1" / "result.json").exists()
+    assert (out / "results.png").is_file()
+
+
+def test_downstream_model_waits_for_vlm2rec_and_all_failed_exits_1(tmp_path, capsys):
+    # tiny-seq has no item text or images: VLM2Rec fails, so VLM2RecSASRec (listed first) is not even started
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset=tiny-seq", "--models=VLM2RecSASRec,VLM2Rec", f"--out={out}", *TINY])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out + captured.err
+    assert captured.out.index("[1/2] VLM2Rec seed") < captured.out.index("[2/2] VLM2RecSASRec seed")
+    assert "VLM2RecSASRec seed 2020: not run: needs the item embeddings of VLM2Rec seed 2020" in captured.out
+    assert "every run failed" in captured.err
+    assert not (out / "runs" / "VLM2RecSASRec-seed2020").exists()
+    assert {row["status"] for row in _csv(out / "results.csv")} == {"failed"}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--dataset=tiny-seq", "--models=SASRec,NoSuchModel"], "unknown model 'NoSuchModel'"),
+        (["--dataset=tiny-seq", "--models=SASRec", "--seeds=1,x"], "bad --seeds='1,x'"),
+        (["--dataset=tiny-seq", "--models=SASRec", "--seeds=1,1"], "seed 1 is listed twice"),
+        (["--dataset=no-such-data", "--models=SASRec", "--data_path=."], "unknown dataset 'no-such-data'"),
+        (["--dataset=tiny-seq", "--models=SASRec", "--seed=3"], "use --seeds"),
+        (["--dataset=tiny-seq", "--models=SASRec", "--model_config=GRU4Rec=x.yaml"], "not in --models"),
+        (["--dataset=tiny-seq", "--models=SASRec", "--config_files=nope.yaml"], "config file not found"),
+    ],
+)
+def test_bad_command_lines_exit_2(tmp_path, capsys, args, expected):
+    extra = [] if any(a.startswith("--data_path") for a in args) else [f"--data_path={FIXTURES}"]
+    assert compare.main([*args, *extra, f"--out={tmp_path / 'cmp'}"]) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err and "Traceback" not in captured.err
+    if "NoSuchModel" in args[1]:
+        assert "SASRec" in captured.err and "lightgbm" not in captured.err
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_downstream_model_alone_looks_for_an_export_where_run_recbole_saves(tmp_path, capsys):
+    # without VLM2Rec in the comparison, VLM2RecSASRec looks under the user's checkpoint_dir (not its run folder)
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset=tiny-seq", "--models=VLM2RecSASRec", f"--out={out}", *TINY])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out + captured.err
+    error = json.loads((out / "runs" / "VLM2RecSASRec-seed2020" / "failed.json").read_text())["error"]
+    assert "no VLM2Rec export of dataset 'tiny-seq'" in error and "checkpoint_dir='saved'" in error
+    assert error in (out / "results.md").read_text()
