@@ -566,6 +566,21 @@ class VLM2RecObjective(nn.Module):
         self.relation = _choice("relation", relation, RELATIONS)
         self._warned_single_modality = False
 
+    @classmethod
+    def from_settings(cls, settings, crtr_weight: float) -> "VLM2RecObjective":
+        """Build from the models' config keys (``tau``, ``beta``, ``wpcl_form``, ``tau_r``, ``weak_criterion``,
+        ``crtr_relation``, ``weak_ema_momentum``), read with ``settings[key]`` (a RecBole Config or a dict)."""
+        return cls(
+            tau=settings["tau"],
+            beta=settings["beta"],
+            crtr_weight=crtr_weight,
+            tau_r=settings["tau_r"],
+            criterion=settings["weak_criterion"],
+            relation=settings["crtr_relation"],
+            momentum=settings["weak_ema_momentum"],
+            wpcl_form=settings["wpcl_form"],
+        )
+
     def forward(
         self,
         user_text: Optional[Tensor],

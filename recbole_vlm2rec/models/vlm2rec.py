@@ -88,16 +88,7 @@ class VLM2Rec(SequentialRecommender):
 
         self.encoder = VLMEncoder(EncoderConfig.from_dict(config.final_config_dict), cache_dir=config["checkpoint_dir"])
         self.encoder.to(config["device"])
-        self.objective = VLM2RecObjective(
-            tau=config["tau"],
-            beta=config["beta"],
-            crtr_weight=self.lambda_,
-            tau_r=config["tau_r"],
-            criterion=config["weak_criterion"],
-            relation=config["crtr_relation"],
-            momentum=config["weak_ema_momentum"],
-            wpcl_form=config["wpcl_form"],
-        )
+        self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
         self.interleaved_loss = InfoNCELoss(config["tau"])
         self.diagnostics = ModalityDiagnostics()
         self.score_mode = "fused"

@@ -154,16 +154,7 @@ class VLM2RecSASRec(SequentialRecommender):
 
         if self.modalities:
             try:
-                self.objective = VLM2RecObjective(
-                    tau=config["tau"],
-                    beta=config["beta"],
-                    wpcl_form=config["wpcl_form"],
-                    crtr_weight=self.lambda_,
-                    tau_r=config["tau_r"],
-                    criterion=config["weak_criterion"],
-                    relation=config["crtr_relation"],
-                    momentum=config["weak_ema_momentum"],
-                )
+                self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"VLM2RecSASRec loss settings: {error}") from None
             if self.objective.relation != "item":
