@@ -23,3 +23,13 @@ def _clean_argv_and_cwd(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", [sys.argv[0]])
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture
+def image_server():
+    """A local HTTP server on 127.0.0.1 for the image-download tests (stops at the end of the test)."""
+    from helpers import ImageServer
+
+    server = ImageServer()
+    yield server
+    server.close()

@@ -1,8 +1,15 @@
 """Helpers shared by the tests: run the real command in a subprocess, locate fixtures."""
+import collections
+import http.server
+import io
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+from PIL import Image
 
 TESTS_DIR = Path(__file__).resolve().parent
 FIXTURES = TESTS_DIR / "fixtures"
@@ -37,7 +44,7 @@ def write_tiny_multimodal_dataset(root, name="tiny-mm", n_items=40, n_users=80, 
     import json
     import random
 
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     rng = random.Random(seed)
     words, shapes = ["alpha", "bravo", "charlie", "delta"], ["square", "disc", "cross", "bar"]
@@ -79,3 +86,53 @@ def write_tiny_multimodal_dataset(root, name="tiny-mm", n_items=40, n_users=80, 
         for item in items:
             handle.write(json.dumps({k: v for k, v in item.items() if not k.startswith("_")}) + "\n")
     return folder
+
+
+def image_bytes(fmt="JPEG", size=(80, 60), mode="RGB", color=(200, 30, 30)):
+    buf = io.BytesIO()
+    if mode == "RGBA":
+        color = color + (0,)          # fully transparent
+    Image.new(mode, size, color if mode != "L" else 128).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+class ImageServer:
+    """A bounded HTTP server on 127.0.0.1: routes with status, body and delay; counts every request."""
+
+    def __init__(self):
+        self.routes = {}
+        self.hits = collections.Counter()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits[self.path] += 1
+                status, body, delay = server.routes.get(self.path, (404, b"not found", 0.0))
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass            # the client gave up (timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, path, body, status=200, delay=0.0):
+        self.routes[path] = (status, body, delay)
+        return self.base + path
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

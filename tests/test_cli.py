@@ -1,6 +1,4 @@
 """The ``run_recbole`` command, end to end in a subprocess, on the tiny committed fixture."""
-import shutil
-
 import pytest
 
 from helpers import FIXTURES, run_cli

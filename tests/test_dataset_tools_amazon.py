@@ -16,7 +16,7 @@ from dataset_tools import amazon
 from dataset_tools.atomic import SidecarError, atomic_path, read_item_sidecar
 from dataset_tools.cli import main
 from dataset_tools.problems import FatalInputError, Problems
-from test_dataset_tools_images import image_bytes, image_server  # noqa: F401  (fixture)
+from helpers import image_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "amazon"

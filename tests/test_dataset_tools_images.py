@@ -1,18 +1,14 @@
 """Image store of vlm2rec-data: normalisation, downloads (404, 5xx, timeouts, corrupt bodies), the
 resumable manifest, and an interrupted (killed) download that resumes without refetching.
 
-All downloads go to a local HTTP server on 127.0.0.1 started by the ``image_server`` fixture (also
-used by test_dataset_tools_amazon.py); it stops at the end of each test.
+All downloads go to a local HTTP server on 127.0.0.1 started by the ``image_server`` fixture
+(tests/conftest.py); it stops at the end of each test.
 """
-import collections
-import http.server
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,65 +17,9 @@ from PIL import Image
 
 from dataset_tools.images import ImageOptions, image_file_name, process_images, to_square_rgb
 from dataset_tools.problems import Problems
+from helpers import image_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def image_bytes(fmt="JPEG", size=(80, 60), mode="RGB", color=(200, 30, 30)):
-    buf = io.BytesIO()
-    if mode == "RGBA":
-        color = color + (0,)          # fully transparent
-    Image.new(mode, size, color if mode != "L" else 128).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-class ImageServer:
-    """A bounded HTTP server on 127.0.0.1: routes with status, body and delay; counts every request."""
-
-    def __init__(self):
-        self.routes = {}
-        self.hits = collections.Counter()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.hits[self.path] += 1
-                status, body, delay = server.routes.get(self.path, (404, b"not found", 0.0))
-                time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:
-                    pass            # the client gave up (timeout test)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base(self):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def add(self, path, body, status=200, delay=0.0):
-        self.routes[path] = (status, body, delay)
-        return self.base + path
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def image_server():
-    server = ImageServer()
-    yield server
-    server.close()
 
 
 def test_to_square_rgb_letterboxes_and_flattens_alpha():
