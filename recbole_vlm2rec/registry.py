@@ -14,6 +14,9 @@ RecBole 1.2.1 has no plugin registry; it finds things by name:
   ``quick_start_config/*_ml-100k.yaml`` presets, ``properties/quick_start/<Model>_on_<dataset>.yaml`` holds
   settings for one model on one dataset (e.g. the demo settings of VLM2Rec on ``vlm2rec-demo``), applied last.
 
+A ``torch_num_threads`` key (any model) sets torch's CPU threads when the Config is built, next to RecBole's
+own device set-up.
+
 An unknown model name makes RecBole fail with "No module named 'lightgbm'" (the probe reaches the optional
 ``exlib_recommender`` package); ``get_model`` is wrapped to name the model and list the available ones.
 """
@@ -201,6 +204,20 @@ def install() -> None:
 
     _load_internal_config_dict._vlm2rec = True
     configurator.Config._load_internal_config_dict = _load_internal_config_dict
+
+    original_init_device = configurator.Config._init_device
+
+    def _init_device(self):
+        # RecBole applies gpu_id here (CUDA_VISIBLE_DEVICES); our torch_num_threads key is applied alongside:
+        # small CPU ops slow down badly with more threads than idle cores (30-50x on a busy 2-core machine)
+        original_init_device(self)
+        threads = self.final_config_dict.get("torch_num_threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+
+    configurator.Config._init_device = _init_device
 
     wrapped = _wrap_get_model(recbole.utils.utils.get_model)
     for module in (recbole.utils.utils, recbole.utils, configurator, quick_start):

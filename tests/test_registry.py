@@ -97,3 +97,14 @@ def test_registration_in_spawned_worker():
     process.start()
     process.join(120)
     assert process.exitcode == 0 and queue.get() == "ToyPluginRec"
+
+
+def test_torch_num_threads_key_sets_cpu_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        Config(model="SASRec", dataset="tiny-seq", config_dict=dict(BASE, checkpoint_dir=str(tmp_path), torch_num_threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

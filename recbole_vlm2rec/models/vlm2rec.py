@@ -49,9 +49,6 @@ class VLM2Rec(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.logger = getLogger()
-        if config["torch_num_threads"]:
-            # small CPU ops slow down badly with more threads than idle cores (30-50x on a busy 2-core machine)
-            torch.set_num_threads(int(config["torch_num_threads"]))
         self.max_history_items = int(config["max_history_items"])
         if self.max_history_items < 1:
             raise ConfigError(f"max_history_items must be >= 1, got {self.max_history_items}")
