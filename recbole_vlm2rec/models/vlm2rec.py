@@ -66,7 +66,10 @@ class VLM2Rec(SequentialRecommender):
         # item content, row i = RecBole's internal item id i (row 0 is padding)
         self.item_texts: List[str] = list(dataset.item_texts)
         self.item_images: List[Optional[str]] = list(dataset.item_images)
-        requested = list(config["modalities"] or MODALITIES)
+        requested = config["modalities"] or list(MODALITIES)
+        if isinstance(requested, str):  # --modalities=text on the command line
+            requested = [requested]
+        requested = list(requested)
         unknown = [m for m in requested if m not in MODALITIES]
         if unknown or not requested:
             raise ConfigError(f"modalities: {requested!r}; choose one or both of {list(MODALITIES)}")
