@@ -27,8 +27,9 @@ No RecBole file is edited: we only add missing names, wrap functions and swap mo
    value RecBole accepts there; a value the user sets is left for RecBole to judge.
 5. Noise on every run: ray 2.6.3 (imported by RecBole's quick start) imports ``pkg_resources``, whose
    deprecation warning is silenced (``setuptools<81`` is pinned so that the module still exists); pandas 2.x
-   warns about RecBole's in-place ``fillna`` on a column (chained assignment, a no-op only from pandas 3,
-   which is why ``pandas<3`` is pinned); those warnings raised from RecBole's code are silenced too.
+   and torch warn about deprecated calls in RecBole's own code (in-place ``fillna`` on a column, a no-op only
+   from pandas 3, which is why ``pandas<3`` is pinned; ``Series.agg(len)``; ``torch.cuda.amp.GradScaler``):
+   FutureWarnings raised from RecBole's modules are silenced, ours and everyone else's stay visible.
 """
 from __future__ import annotations
 
@@ -243,7 +244,7 @@ def apply() -> None:
         return
     _add_numpy_aliases()
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    warnings.filterwarnings("ignore", message=".*inplace method", category=FutureWarning, module=r"recbole\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
     _undo_sine_anomaly_mode()
     _default_no_sampling_for_ce_models()
     _install_safe_checkpoint_loading()
