@@ -217,11 +217,8 @@ class VLM2Rec(SequentialRecommender):
             if self.fusion == "internal":
                 catalog["fused"] = catalog.pop("interleaved")
             else:
-                mask = catalog["image"].abs().sum(-1) > 0
-                catalog["image_mask"] = mask
-                text = catalog["text"] if self.use_text else torch.zeros_like(catalog["text"])
-                image = catalog["image"] * mask.unsqueeze(-1)
-                catalog["fused"] = F.normalize(text + image, dim=-1)
+                catalog["image_mask"] = catalog["image"].abs().sum(-1) > 0
+                catalog["fused"] = self._fuse(catalog["text"], catalog["image"], catalog["image_mask"])
             self._catalog = catalog
         return self._catalog
 
@@ -234,16 +231,7 @@ class VLM2Rec(SequentialRecommender):
         vectors = []
         for start in range(0, unique_rows.shape[0], self.user_encode_batch_size):
             chunk = unique_rows[start : start + self.user_encode_batch_size]
-            users = self._encode_users(chunk[:, :-1], chunk[:, -1])
-            if self.fusion == "internal":
-                vectors.append(users.float())
-            elif self.score_mode == "text":
-                vectors.append(users.text.float())
-            elif self.score_mode == "image":
-                vectors.append(users.image.float())
-            else:
-                text = users.text.float() if self.use_text else torch.zeros_like(users.text.float())
-                vectors.append(users.fused().float() if self.use_text else F.normalize(text + users.image.float(), dim=-1))
+            vectors.append(self._in_score_space(self._encode_users(chunk[:, :-1], chunk[:, -1])))
         return torch.cat(vectors)[inverse]
 
     def _item_space(self) -> torch.Tensor:
@@ -252,15 +240,18 @@ class VLM2Rec(SequentialRecommender):
             return catalog["fused"]
         return catalog[self.score_mode]
 
-    def _encode_few_items(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """Items in the space of ``score_mode``, encoded directly (no catalog pass)."""
-        items = self._encode_items(item_ids)
+    def _fuse(self, text: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """normalize(text + image) over the modalities in use; image rows count only where ``image_mask``."""
+        text = text.float() if self.use_text else torch.zeros_like(text, dtype=torch.float32)
+        return F.normalize(text + image.float() * image_mask.unsqueeze(-1), dim=-1)
+
+    def _in_score_space(self, embeddings) -> torch.Tensor:
+        """Encoder output as scored under ``score_mode``: the interleaved vector, one modality, or the fusion."""
         if self.fusion == "internal":
-            return items.float()
+            return embeddings.float()
         if self.score_mode != "fused":
-            return getattr(items, self.score_mode).float()
-        text = items.text.float() if self.use_text else torch.zeros_like(items.text.float())
-        return F.normalize(text + items.image.float() * items.image_mask.unsqueeze(-1), dim=-1)
+            return getattr(embeddings, self.score_mode).float()
+        return self._fuse(embeddings.text, embeddings.image, embeddings.image_mask)
 
     @torch.no_grad()
     def predict(self, interaction):
@@ -269,7 +260,7 @@ class VLM2Rec(SequentialRecommender):
         unique_items, inverse = torch.unique(item_ids, return_inverse=True)
         if self._catalog is None and unique_items.numel() <= self.item_encode_batch_size:
             # a handful of items (RecBole's FLOPs count, a one-off call): no need to encode the whole catalog
-            return (users * self._encode_few_items(unique_items)[inverse]).sum(-1)
+            return (users * self._in_score_space(self._encode_items(unique_items))[inverse]).sum(-1)
         return (users * self._item_space()[item_ids]).sum(-1)
 
     @torch.no_grad()
