@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recbole_vlm2rec.fusion import fuse, masked_normalize
+
 MODALITIES = ("text", "image")
 CRITERIA = ("loss", "grad")
 RELATIONS = ("item", "user", "both")
@@ -614,18 +616,14 @@ class VLM2RecObjective(nn.Module):
             )
             self._warned_single_modality = True
 
-        # Absent images are replaced by zeros *before* normalising (torch.where: their values, even NaN,
-        # never reach the value or the gradient); a zero vector stays zero through F.normalize.
-        text_u = text_i = image_u = image_i = text_scores = image_scores = None
-        if has_text:
-            text_u, text_i = F.normalize(user_text.float(), dim=-1), F.normalize(item_text.float(), dim=-1)
-            text_scores = text_u @ text_i.T
-        if has_image:
-            image_u = F.normalize(torch.where(user_image_mask[:, None], user_image.float(), 0.0), dim=-1)
-            image_i = F.normalize(torch.where(item_image_mask[:, None], item_image.float(), 0.0), dim=-1)
-            image_scores = image_u @ image_i.T
-        fused_u = F.normalize(sum(e for e in (text_u, image_u) if e is not None), dim=-1)
-        fused_i = F.normalize(sum(e for e in (text_i, image_i) if e is not None), dim=-1)
+        # Absent images are zeroed before normalising (recbole_vlm2rec.fusion): their values, even NaN,
+        # never reach the value or the gradient; a zero vector stays zero through F.normalize.
+        text_u, text_i = masked_normalize(user_text, None), masked_normalize(item_text, None)
+        image_u, image_i = masked_normalize(user_image, user_image_mask), masked_normalize(item_image, item_image_mask)
+        text_scores = text_u @ text_i.T if has_text else None
+        image_scores = image_u @ image_i.T if has_image else None
+        fused_u = fuse(user_text, user_image, user_image_mask)
+        fused_i = fuse(item_text, item_image, item_image_mask)
         scores = fused_u @ fused_i.T
         tau = self.wpcl_loss.tau
 

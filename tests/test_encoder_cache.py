@@ -83,7 +83,8 @@ def test_missing_and_corrupt_images_are_masked_and_counted(tmp_path, caplog, vis
     assert out.image_mask.tolist() == [True, False, False, False]
     assert users.image_mask.tolist() == [False, True]
     assert torch.isfinite(out.text).all() and torch.isfinite(out.image).all()
-    assert torch.allclose(out.text.norm(dim=-1), torch.ones(4))  # the empty title too
+    assert torch.allclose(out.text.norm(dim=-1), torch.tensor([0.0, 1, 1, 1]))  # the empty title: masked zero row
+    assert out.text_mask.tolist() == [False, True, True, True]
     assert torch.all(out.image[1:] == 0)
     assert enc.image_stats == {"missing": 1, "unreadable": 1, "no_image": 1}  # each file counted once
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -50,8 +50,12 @@ def test_embeddings_equal_plain_forward(name, size, image_paths, tmp_path):
 
         # Text prompts one by one (unpadded) and as one left-padded batch.
         for i, t in enumerate(texts):
+            if not t:  # no text: a masked zero row, not the embedding of an empty prompt
+                assert not items.text_mask[i] and not items.text[i].any()
+                continue
             ref = plain_forward(enc, plain_inputs(enc, [enc.prompts.item_text(t)], []))
             torch.testing.assert_close(items.text[i:i + 1], ref, atol=1e-5, rtol=0)
+        assert items.text_mask.tolist() == [True, False, True, True]
         # Image prompts as one batch with pixels through the model's own vision tower.
         ok = [0, 2, 3]
         ref = plain_forward(enc, plain_inputs(enc, [enc.prompts.item_image()] * 3,

@@ -11,18 +11,19 @@ Where things are:
 * ``vision_cache.py`` the memory-mapped store of visual tokens
 * ``lora.py``         LoRA / full / frozen set-up, adapter save and load
 * ``encoder.py``      :class:`VLMEncoder` and :class:`ModalityEmbeddings`
-* ``export.py``       catalog encoding, ``.npy`` + ``.json`` export and import
+* ``catalog.py``      catalog encoding (the loop; :meth:`VLMEncoder.encode_catalog` keeps the one cache)
+* ``export.py``       the item-embedding files: ``.npy`` + ``.json`` export and import
 * ``reference.py``    the plain transformers forward that tests and ``benchmarks/encoder_throughput.py`` compare with
 """
 from .backbone import Backbone, VLMProcessor, load_backbone
 from .config import EncoderConfig
 from .encoder import ModalityEmbeddings, VLMEncoder
-from .export import encode_catalog, export_item_embeddings, load_item_embeddings
+from .export import export_item_embeddings, load_item_embeddings
 from .prompts import DEFAULT_TEMPLATES
 from .tiny import BUILTIN_BACKBONES, build_tiny_backbone
 
 __all__ = [
     "Backbone", "BUILTIN_BACKBONES", "DEFAULT_TEMPLATES", "EncoderConfig", "ModalityEmbeddings", "VLMEncoder",
-    "VLMProcessor", "build_tiny_backbone", "encode_catalog", "export_item_embeddings", "load_backbone",
+    "VLMProcessor", "build_tiny_backbone", "export_item_embeddings", "load_backbone",
     "load_item_embeddings",
 ]

@@ -17,12 +17,15 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import lora as lora_utils
+from recbole_vlm2rec.fusion import fuse
+
+from .catalog import catalog_digest, check_catalog, encode_in_length_order
 from .backbone import Backbone, image_features, load_backbone, transformers_major, vision_fingerprint
 from .config import EncoderConfig
 from .inputs import ImagePreprocessor, PromptTokenizer, TokenBatch, image_key, open_image
@@ -34,15 +37,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModalityEmbeddings:
-    """Per-modality embeddings of a batch: L2-normalised rows; ``image`` is zero where ``image_mask`` is False."""
+    """Per-modality embeddings of a batch: L2-normalised rows; a modality's row is zero where its mask is False
+    (an item with an empty text, an item or a user history without a usable image)."""
 
     text: torch.Tensor  # [B, D] float32
     image: torch.Tensor  # [B, D] float32
     image_mask: torch.Tensor  # [B] bool, True where the row has at least one usable image
+    text_mask: torch.Tensor  # [B] bool, True where the row has some text
 
     def fused(self) -> torch.Tensor:
-        """normalize(text + image): the external-fusion embedding; text alone where the image is masked."""
-        return F.normalize(self.text + self.image * self.image_mask.unsqueeze(-1).to(self.image.dtype), dim=-1)
+        """The external-fusion embedding (:func:`recbole_vlm2rec.fusion.fuse`)."""
+        return fuse(self.text, self.image, self.image_mask, self.text_mask)
 
 
 class VLMEncoder(torch.nn.Module):
@@ -83,8 +88,9 @@ class VLMEncoder(torch.nn.Module):
         self._reported_images = set()
         self._cache_root = config.vision_cache_dir or os.path.join(cache_dir or "saved", "vision_cache")
         self._vision_cache: Optional[VisionCache] = None
-        self._weights_epoch = 0  # bumped whenever weights change outside an optimizer step
-        self._catalog_cache = None  # (key, result) of export.encode_catalog
+        self._weight_changes = 0  # bumped whenever weights may change outside an optimizer step
+        self._catalog_cache = None  # (key, result) of encode_catalog: the only cache of item embeddings
+        self.register_load_state_dict_post_hook(_after_load_state_dict)
         self._mask_optional = transformers_major() >= 5
         self.eval()  # like from_pretrained; the caller's model.train() switches dropout and checkpointing on
 
@@ -126,8 +132,14 @@ class VLMEncoder(torch.nn.Module):
         return self._vision_cache
 
     def weights_version(self) -> tuple:
-        """Changes whenever trainable weights change (optimizer steps bump tensors' version counters)."""
-        return (self._weights_epoch, sum(p._version for p in self.vlm.parameters() if p.requires_grad))
+        """Changes whenever the weights may have changed: every optimizer step (in-place updates bump the
+        trainable tensors' version counters), every ``load_state_dict``, ``train()``, adapter load or merge."""
+        return (self._weight_changes, sum(p._version for p in self.vlm.parameters() if p.requires_grad))
+
+    def train(self, mode: bool = True):
+        if mode:  # weights are about to change: embeddings computed so far are stale
+            self._weights_changed(vision=False)
+        return super().train(mode)
 
     def describe(self) -> dict:
         """What produced these embeddings (for export sidecars and logs)."""
@@ -140,18 +152,21 @@ class VLMEncoder(torch.nn.Module):
         """Text branch from the ``item_text`` prompt, image branch from the ``item_image`` prompt."""
         _same_length("encode_items", texts, images)
         texts = self.tokens.truncate(texts, self.config.max_text_tokens)
-        text = self._encode([self.prompts.item_text(t) for t in texts], cache=True)
+        # An item without text has no text embedding (masked, zero row), not the embedding of an empty prompt.
+        text_rows = [i for i, t in enumerate(texts) if _has_text(t)]
+        text = self._encode([self.prompts.item_text(texts[i]) for i in text_rows], cache=True) if text_rows else None
         usable, visual = self._visual(list(images))
         rows = [i for i, ok in enumerate(usable) if ok]
         image = self._encode([self.prompts.item_image()] * len(rows), visual, cache=True) if rows else None
-        return self._modalities(text, image, rows, len(texts))
+        return self._modalities(text, text_rows, image, rows, len(texts))
 
     def encode_users(self, history_texts: Sequence[Sequence[str]], history_images: Sequence[Sequence]) -> ModalityEmbeddings:
         """Text branch from the ``user_text`` prompt listing the history items' texts; image branch from the
         ``user_image`` prompt with the usable images of the history (a user with none is masked)."""
         _same_length("encode_users", history_texts, history_images)
-        text = self._encode([self.prompts.user_text(self.tokens.truncate(h, self.config.max_text_tokens))
-                             for h in history_texts])
+        text_rows = [u for u, h in enumerate(history_texts) if any(_has_text(t) for t in h)]
+        text = self._encode([self.prompts.user_text(self.tokens.truncate(history_texts[u], self.config.max_text_tokens))
+                             for u in text_rows]) if text_rows else None
         flat = [img for hist in history_images for img in hist]
         usable, visual = self._visual(flat)
         counts, pos = [], 0
@@ -160,7 +175,7 @@ class VLMEncoder(torch.nn.Module):
             pos += len(hist)
         rows = [u for u, n in enumerate(counts) if n]
         image = self._encode([self.prompts.user_image(counts[u]) for u in rows], visual) if rows else None
-        return self._modalities(text, image, rows, len(history_texts))
+        return self._modalities(text, text_rows, image, rows, len(history_texts))
 
     def encode_interleaved_items(self, texts: Sequence[str], images: Sequence) -> torch.Tensor:
         """Internal fusion: one ``interleaved_item`` prompt per item (image, if usable, then text) -> ``[B, D]``."""
@@ -184,6 +199,28 @@ class VLMEncoder(torch.nn.Module):
             prompts.append(self.prompts.interleaved_user(texts, usable[pos:pos + len(hist)]))
             pos += len(hist)
         return self._encode(prompts, visual)
+
+    def encode_catalog(self, item_texts: Sequence[str], item_images: Sequence, batch_size: int = 64,
+                       progress: bool = True, fusion: str = "external", cache: bool = True) -> Dict[str, torch.Tensor]:
+        """Embeddings of a whole catalog, rows in input order, on this encoder's device (see
+        :func:`~recbole_vlm2rec.encoder.catalog.encode_in_length_order` for the keys).
+
+        The result is kept and returned again (the same tensors: do not modify them) while the catalog, the
+        fusion and :meth:`weights_version` are unchanged; ``cache=False`` encodes afresh and keeps nothing.
+        """
+        check_catalog(item_texts, item_images, fusion)
+        key = (catalog_digest(item_texts, item_images), fusion, self.weights_version())
+        if cache and self._catalog_cache is not None and self._catalog_cache[0] == key:
+            return dict(self._catalog_cache[1])
+        result = encode_in_length_order(self, item_texts, item_images, batch_size, progress, fusion)
+        if cache and key[2] == self.weights_version():  # not kept when encoding itself changed the version
+            self._catalog_cache = (key, result)
+        return dict(result)
+
+    def catalog_is_cached(self, item_texts: Sequence[str], item_images: Sequence, fusion: str = "external") -> bool:
+        """Whether :meth:`encode_catalog` would return the kept result without encoding."""
+        key = (catalog_digest(item_texts, item_images), fusion, self.weights_version())
+        return self._catalog_cache is not None and self._catalog_cache[0] == key
 
     @torch.no_grad()
     def warm_vision_cache(self, images: Sequence, batch_size: int = 64, progress: bool = True) -> dict:
@@ -266,21 +303,30 @@ class VLMEncoder(torch.nn.Module):
         self.processor.save_pretrained(directory)
 
     # ---------------------------------------------------------------------------------------- private
-    def _weights_changed(self) -> None:
-        self._weights_epoch += 1
+    def _weights_changed(self, vision: bool = True) -> None:
+        self._weight_changes += 1
         self._catalog_cache = None
-        self._vision_cache = None  # re-fingerprinted on next use: the same cache unless the vision tower changed
+        if vision:  # re-fingerprinted on next use: the same cache unless the vision tower changed
+            self._vision_cache = None
 
-    def _modalities(self, text, image, rows, n) -> ModalityEmbeddings:
-        device = text.device
+    def _modalities(self, text, text_rows, image, image_rows, n) -> ModalityEmbeddings:
+        """Scatter the encoded rows of each modality into ``[n, D]`` tensors (zero rows where absent)."""
+        text, text_mask = self._scatter_rows(text, text_rows, n)
+        image, image_mask = self._scatter_rows(image, image_rows, n)
+        return ModalityEmbeddings(text=text, image=image, image_mask=image_mask, text_mask=text_mask)
+
+    def _scatter_rows(self, values: Optional[torch.Tensor], rows: list, n: int):
+        device = self.device
         mask = torch.zeros(n, dtype=torch.bool, device=device)
-        full = torch.zeros(n, text.shape[1], dtype=text.dtype, device=device)
+        full = torch.zeros(n, self.hidden_size, dtype=torch.float32, device=device)
         if rows:
+            if len(rows) == n:  # every row present: no copy
+                return values, torch.ones(n, dtype=torch.bool, device=device)
             # Built on the CPU and copied without blocking: a blocking copy would wait for the GPU queue.
             index = torch.tensor(rows).to(device, non_blocking=True)
             mask[index] = True
-            full = full.index_copy(0, index, image)  # differentiable w.r.t. image
-        return ModalityEmbeddings(text=text, image=full, image_mask=mask)
+            full = full.index_copy(0, index, values)  # differentiable w.r.t. values
+        return full, mask
 
     def _encode(self, prompts: List[str], visual=None, cache: bool = False) -> torch.Tensor:
         batch = self.tokens.batch(self.tokens.encode(prompts, cache=cache)).to(self.device)
@@ -415,6 +461,15 @@ class VLMEncoder(torch.nn.Module):
             examples = ", ".join(f"{_describe(s)} ({r})" for s, r in new[:3])
             logger.warning("%d image file(s) unusable, their image branch is masked: %s%s. Totals so far: %s.",
                            len(new), examples, " ..." if len(new) > 3 else "", self.image_stats)
+
+
+def _after_load_state_dict(encoder: "VLMEncoder", incompatible_keys) -> None:
+    """Every ``load_state_dict`` reaching the encoder (directly or through its parent model) may change weights."""
+    encoder._weights_changed()
+
+
+def _has_text(text) -> bool:
+    return bool(text and str(text).strip())
 
 
 def _is_empty(src) -> bool:

@@ -1,8 +1,6 @@
-"""Catalog encoding and the item-embedding file format (``.npy`` + ``.json`` sidecar per modality).
+"""The item-embedding file format (``.npy`` + ``.json`` sidecar per modality).
 
-``encode_catalog`` encodes every item once (length-sorted batches, progress bar) and keeps the result
-until the encoder's weights change, so that an evaluation encodes the catalog once instead of per user
-batch. ``export_item_embeddings`` / ``load_item_embeddings`` write and read::
+``export_item_embeddings`` / ``load_item_embeddings`` write and read::
 
     <prefix>.<modality>.npy    float32 [num_items, dim], row i = item_tokens[i]
     <prefix>.<modality>.json   {"format": "recbole-vlm2rec/item-embeddings", "version": 1, "modality": ...,
@@ -15,77 +13,15 @@ a bare ``.npy`` whose rows follow the ``expected_tokens`` passed to the loader.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import tempfile
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from PIL import Image
-
-from .inputs import image_key
 
 FORMAT = "recbole-vlm2rec/item-embeddings"
 VERSION = 1
-
-
-def encode_catalog(encoder, item_texts: Sequence[str], item_images: Sequence, batch_size: int = 64,
-                   progress: bool = True, fusion: str = "external") -> Dict[str, np.ndarray]:
-    """Embeddings of a whole catalog: ``{"text": [N, D], "image": [N, D]}`` (external fusion) or
-    ``{"interleaved": [N, D]}`` (internal fusion), float32, rows in input order.
-
-    Image rows of items without a usable image are zero. Items are encoded in batches sorted by text
-    length (little padding) in eval mode without gradients; the encoder's mode is restored afterwards.
-    The result is kept on the encoder and returned again while its weights and the catalog are unchanged.
-    """
-    from tqdm.auto import tqdm
-
-    if len(item_texts) != len(item_images):
-        raise ValueError(f"encode_catalog: {len(item_texts)} texts but {len(item_images)} images")
-    if fusion not in ("external", "internal"):
-        raise ValueError(f"encode_catalog: fusion must be 'external' or 'internal', got {fusion!r}")
-    key = (_catalog_digest(item_texts, item_images), fusion, encoder.weights_version())
-    if encoder._catalog_cache is not None and encoder._catalog_cache[0] == key:
-        return {m: a.copy() for m, a in encoder._catalog_cache[1].items()}
-
-    order = np.argsort([len(t or "") for t in item_texts], kind="stable")
-    parts: Dict[str, list] = {}
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(order), batch_size), desc="encode catalog", unit="batch",
-                              disable=not progress):
-                idx = order[start:start + batch_size]
-                texts = [item_texts[i] for i in idx]
-                images = [item_images[i] for i in idx]
-                if fusion == "external":
-                    out = encoder.encode_items(texts, images)
-                    parts.setdefault("text", []).append(out.text)
-                    parts.setdefault("image", []).append(out.image)
-                else:
-                    parts.setdefault("interleaved", []).append(encoder.encode_interleaved_items(texts, images))
-    finally:
-        encoder.train(was_training)
-    # Rows stay on the device until the end: a copy per batch would wait for each batch to finish.
-    result = {}
-    for modality, chunks in parts.items():
-        sorted_rows = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, encoder.hidden_size), np.float32)
-        rows = np.empty_like(sorted_rows)
-        rows[order] = sorted_rows
-        result[modality] = rows
-    encoder._catalog_cache = (key, result)
-    return {m: a.copy() for m, a in result.items()}
-
-
-def _catalog_digest(texts, images) -> str:
-    h = hashlib.sha1()
-    for t, i in zip(texts, images):
-        h.update(str(t).encode("utf-8", "surrogatepass") + b"\0")
-        h.update((image_key(i) if isinstance(i, Image.Image) else str(i)).encode("utf-8", "surrogatepass") + b"\1")
-    return h.hexdigest()
 
 
 def export_item_embeddings(out_prefix: str, item_tokens: Sequence[str], embeddings: Mapping[str, np.ndarray],
@@ -210,8 +146,15 @@ def _atomic_write(path: str, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask

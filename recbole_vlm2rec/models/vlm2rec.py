@@ -10,8 +10,8 @@ its positive, the other rows' next items its negatives (DESIGN.md section 2):
 
 ``beta: 0`` and ``lambda: 0`` give plain contrastive fine-tuning, the baseline that collapses one modality.
 
-Evaluation scores users against the catalog embeddings, computed once per evaluation (the encoder's
-catalog cache is dropped whenever the weights change). ``score_mode`` picks fused (default), text-only or
+Evaluation scores users against the catalog embeddings, computed once per evaluation (the encoder keeps
+them until its weights change: any optimizer step, ``load_state_dict`` or ``train()``). ``score_mode`` picks fused (default), text-only or
 image-only scores: the modality-dropout test that exposes collapse (``VLM2RecTrainer`` runs it).
 """
 from __future__ import annotations
@@ -22,12 +22,11 @@ from logging import getLogger
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
-from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder, encode_catalog
+from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
 from recbole_vlm2rec.errors import ConfigError
 from recbole_vlm2rec.losses import InfoNCELoss, VLM2RecObjective
 
@@ -85,10 +84,14 @@ class VLM2Rec(SequentialRecommender):
         if not self.use_text:
             self.item_texts = [""] * len(self.item_texts)
 
-        self.encoder = VLMEncoder(EncoderConfig.from_dict(config.final_config_dict), cache_dir=config["checkpoint_dir"])
+        try:  # their checks raise ValueError; for a config key that is the user's to fix (exit 1, no traceback)
+            encoder_config = EncoderConfig.from_dict(config.final_config_dict)
+            self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
+            self.interleaved_loss = InfoNCELoss(config["tau"])
+        except ValueError as error:
+            raise error if isinstance(error, ConfigError) else ConfigError(f"VLM2Rec settings: {error}") from None
+        self.encoder = VLMEncoder(encoder_config, cache_dir=config["checkpoint_dir"])
         self.encoder.to(config["device"])
-        self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
-        self.interleaved_loss = InfoNCELoss(config["tau"])
         self.diagnostics = ModalityDiagnostics()
         self.score_mode = "fused"
         if self.use_image and self.encoder.uses_vision_cache:
@@ -193,34 +196,24 @@ class VLM2Rec(SequentialRecommender):
             )
         return result
 
-    def train(self, mode: bool = True):
-        if mode:  # weights are about to change: the catalog embeddings of the last evaluation are stale
-            self._catalog = None
-        return super().train(mode)
-
     # -------------------------------------------------------------------------------------- evaluation
-    _catalog: Optional[Dict[str, torch.Tensor]] = None
-
     def catalog_embeddings(self) -> Dict[str, torch.Tensor]:
-        """Per-modality (and fused) embeddings of every item, encoded once per evaluation."""
-        if self._catalog is None:
-            arrays = encode_catalog(
-                self.encoder,
-                self.item_texts,
-                self.item_images,
-                batch_size=self.item_encode_batch_size,
-                progress=self.show_progress,
-                fusion=self.fusion,
-            )
-            device = self.encoder.device
-            catalog = {m: torch.from_numpy(a).to(device) for m, a in arrays.items()}
-            if self.fusion == "internal":
-                catalog["fused"] = catalog.pop("interleaved")
-            else:
-                catalog["image_mask"] = catalog["image"].abs().sum(-1) > 0
-                catalog["fused"] = self._fuse(catalog["text"], catalog["image"], catalog["image_mask"])
-            self._catalog = catalog
-        return self._catalog
+        """Per-modality and fused embeddings of every item (row = internal item id), on the model's device.
+
+        The encoder keeps them while its weights are unchanged (``VLMEncoder.encode_catalog``, the one cache
+        of item embeddings): an evaluation encodes the catalog once, and any optimizer step,
+        ``load_state_dict`` (e.g. RecBole's reload of the best epoch) or ``train()`` makes it encode again.
+        """
+        catalog = self.encoder.encode_catalog(
+            self.item_texts,
+            self.item_images,
+            batch_size=self.item_encode_batch_size,
+            progress=self.show_progress,
+            fusion=self.fusion,
+        )
+        if self.fusion == "internal":
+            catalog["fused"] = catalog.pop("interleaved")
+        return catalog
 
     def _user_scores_space(self, interaction) -> torch.Tensor:
         """User vectors in the space of ``score_mode``; users are encoded once per distinct history."""
@@ -240,25 +233,21 @@ class VLM2Rec(SequentialRecommender):
             return catalog["fused"]
         return catalog[self.score_mode]
 
-    def _fuse(self, text: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """normalize(text + image) over the modalities in use; image rows count only where ``image_mask``."""
-        text = text.float() if self.use_text else torch.zeros_like(text, dtype=torch.float32)
-        return F.normalize(text + image.float() * image_mask.unsqueeze(-1), dim=-1)
-
     def _in_score_space(self, embeddings) -> torch.Tensor:
         """Encoder output as scored under ``score_mode``: the interleaved vector, one modality, or the fusion."""
         if self.fusion == "internal":
             return embeddings.float()
         if self.score_mode != "fused":
             return getattr(embeddings, self.score_mode).float()
-        return self._fuse(embeddings.text, embeddings.image, embeddings.image_mask)
+        return embeddings.fused()
 
     @torch.no_grad()
     def predict(self, interaction):
         users = self._user_scores_space(interaction)
         item_ids = interaction[self.ITEM_ID]
         unique_items, inverse = torch.unique(item_ids, return_inverse=True)
-        if self._catalog is None and unique_items.numel() <= self.item_encode_batch_size:
+        cached = self.encoder.catalog_is_cached(self.item_texts, self.item_images, self.fusion)
+        if not cached and unique_items.numel() <= self.item_encode_batch_size:
             # a handful of items (RecBole's FLOPs count, a one-off call): no need to encode the whole catalog
             return (users * self._in_score_space(self._encode_items(unique_items))[inverse]).sum(-1)
         return (users * self._item_space()[item_ids]).sum(-1)
@@ -268,9 +257,10 @@ class VLM2Rec(SequentialRecommender):
         return self._user_scores_space(interaction) @ self._item_space().t()
 
     # --------------------------------------------------------------------------------------- artefacts
-    def export(self, directory: str, item_tokens) -> Dict[str, str]:
+    def export(self, directory: str, item_tokens, checkpoint: Optional[str] = None) -> Dict[str, str]:
         """Write the per-modality catalog embeddings (``item_embeddings.<modality>.npy`` + ``.json``) and,
-        with LoRA, the adapter (``adapter/``) into ``directory``. Returns what was written."""
+        with LoRA, the adapter (``adapter/``) into ``directory``. Returns what was written. ``checkpoint``
+        (the weights' file) is recorded in the sidecars."""
         from recbole_vlm2rec.encoder import export_item_embeddings
 
         os.makedirs(directory, exist_ok=True)
@@ -287,7 +277,12 @@ class VLM2Rec(SequentialRecommender):
             os.path.join(directory, "item_embeddings"),
             tokens,
             arrays,
-            metadata=dict(self.encoder.describe(), dataset=self.dataset_name, fusion=self.fusion),
+            metadata=dict(
+                self.encoder.describe(),
+                dataset=self.dataset_name,
+                fusion=self.fusion,
+                checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+            ),
         )
         if self.encoder.config.finetune == "lora":
             adapter_dir = os.path.join(directory, "adapter")
