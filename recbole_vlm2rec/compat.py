@@ -4,9 +4,13 @@ RecBole 1.2.1 (the latest release) was written for numpy 1.x and torch < 2.6. Ev
 applied once, by ``apply()``, when ``recbole_vlm2rec`` is imported, and each one says why it exists.
 No RecBole file is edited: we only add missing names, wrap functions and swap module-level references.
 
-1. numpy aliases. numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` and ``np.bool8``.
-   RecBole uses the first three (every ``Config()`` breaks), ray 2.6.3 (imported by RecBole's quick start)
-   the last one. We add them back as aliases of their numpy 2 spellings, only where missing.
+1. numpy aliases. numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` and ``np.bool8``, and
+   numpy 1.24 the builtin aliases ``np.float``, ``np.int``, ``np.object``, ``np.str``, ``np.complex``,
+   ``np.unicode``. RecBole uses the first three (every ``Config()`` breaks), ray 2.6.3 (imported by RecBole's
+   quick start) ``bool8``, and RecBole's metrics (NDCG: ``np.float``) the builtin ones, which RecBole's own
+   ``Config.compatibility_settings`` restores only when a ``Config`` is built: a reloaded model
+   (``load_data_and_model`` unpickles the Config) or a spawned worker has none. We add them all back, at
+   import, only where missing, as RecBole's ``compatibility_settings`` defines them.
 2. Autograd anomaly mode. ``recbole/model/sequential_recommender/sine.py`` calls
    ``torch.autograd.set_detect_anomaly(True)`` at import time, and that module is imported by every
    sequential model's lookup: training gets ~2.2x slower for every model (see benchmarks/recbole_overhead.py).
@@ -30,6 +34,11 @@ No RecBole file is edited: we only add missing names, wrap functions and swap mo
    and torch warn about deprecated calls in RecBole's own code (in-place ``fillna`` on a column, a no-op only
    from pandas 3, which is why ``pandas<3`` is pinned; ``Series.agg(len)``; ``torch.cuda.amp.GradScaler``):
    FutureWarnings raised from RecBole's modules are silenced, ours and everyone else's stay visible.
+6. Checkpoint names. RecBole names a checkpoint ``<Model>-<time to the second>.pth``: two runs started in
+   the same second into one ``checkpoint_dir`` overwrite each other's file (and VLM2Rec's export folder).
+   Every ``Trainer`` gets a name with a random suffix that no file or folder has (``unique_checkpoint_path``).
+7. Metric values. Under numpy 2 RecBole's metrics are ``np.float64`` and its result lines print
+   ``np.float64(0.0421)``; the evaluator's results are turned into Python floats.
 """
 from __future__ import annotations
 
@@ -43,10 +52,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from recbole_vlm2rec.errors import DataError
+
 _APPLIED = False
 
 # --- 1. numpy aliases ------------------------------------------------------------------------------
-_NUMPY_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_", "bool8": "bool_"}
+_NUMPY_ALIASES = {
+    "float_": "float64", "complex_": "complex128", "unicode_": "str_", "bool8": "bool_",
+    # RecBole's Config.compatibility_settings
+    "bool": "bool_", "int": "int_", "float": "float64", "complex": "complex128", "object": "object_",
+    "str": "str_", "long": "int_", "unicode": "str_",
+}
 
 
 def _add_numpy_aliases() -> None:
@@ -64,6 +80,10 @@ def _undo_sine_anomaly_mode() -> None:
 # --- 3. safe checkpoint loading --------------------------------------------------------------------
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint needs a Python object that RecBole's own checkpoints never hold."""
+
+
+class CorruptCheckpointError(DataError):
+    """A checkpoint file is truncated, damaged or not a checkpoint at all."""
 
 
 # The non-class globals and classes outside the modules below that RecBole 1.2.1 checkpoints
@@ -166,11 +186,30 @@ def load_checkpoint(f, map_location=None, **kwargs):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not zipfile.is_zipfile(path):
-        raise UnsafeCheckpointError(
-            f"{path} is not a torch checkpoint in zip format (torch.save's default since torch 1.6); "
-            "legacy checkpoints are not loaded"
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head[:1] == b"\x80":  # a pickle stream: torch.save's format before torch 1.6
+            raise UnsafeCheckpointError(
+                f"{path} is a legacy (pre-zip) torch checkpoint; only zip checkpoints (torch.save's default "
+                "since torch 1.6, what RecBole writes) are loaded"
+            )
+        raise CorruptCheckpointError(
+            f"{path} is not a readable torch checkpoint: it is "
+            + ("a truncated or damaged zip file" if head == b"PK\x03\x04" else "empty" if not head else
+               "not a zip file at all")
+            + " (an interrupted save or copy, or another kind of file); use another checkpoint or train again"
         )
-    return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False, **kwargs)
+    try:
+        return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False,
+                          **kwargs)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as error:  # whatever a damaged zip or pickle makes torch's reader or pickle raise
+
+        raise CorruptCheckpointError(
+            f"{path} is a damaged torch checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "use another checkpoint or train again"
+        ) from None
 
 
 class _TorchWithSafeCheckpointLoad(types.ModuleType):
@@ -237,6 +276,60 @@ def _default_no_sampling_for_ce_models() -> None:
     Config._set_default_parameters = _set_default_parameters
 
 
+# --- 6. unique checkpoint names ------------------------------------------------------------------
+def unique_checkpoint_path(checkpoint_dir: str, model_name: str) -> str:
+    """``<checkpoint_dir>/<Model>-<local time>-<6 random hex>.pth``, a name no file or folder has yet.
+
+    RecBole names checkpoints by the second: two runs started together overwrite each other's checkpoint
+    (and VLM2Rec's export folder, named after it). Under torch.distributed every rank must use rank 0's
+    name (rank 0 saves, every rank reloads the best model), so it is broadcast.
+    """
+    import secrets
+
+    from recbole.utils import get_local_time
+
+    while True:
+        stem = f"{model_name}-{get_local_time()}-{secrets.token_hex(3)}"
+        path = os.path.join(checkpoint_dir, stem + ".pth")
+        if not os.path.exists(path) and not os.path.exists(os.path.join(checkpoint_dir, stem)):
+            break
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [path]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        path = shared[0]
+    return path
+
+
+def _unique_checkpoint_names() -> None:
+    from recbole.trainer.trainer import Trainer
+
+    original = Trainer.__init__
+
+    def __init__(self, config, model):
+        original(self, config, model)
+        self.saved_model_file = unique_checkpoint_path(self.checkpoint_dir, config["model"])
+
+    Trainer.__init__ = __init__
+
+
+# --- 7. metric values as Python floats -----------------------------------------------------------
+def _metric_values_as_floats() -> None:
+    """numpy 2 prints ``np.float64(0.0421)`` where numpy 1 printed ``0.0421``: RecBole's result lines
+    (``test result: OrderedDict([('ndcg@10', np.float64(0.0421))])``) become hard to read and to parse."""
+    from recbole.evaluator.evaluator import Evaluator
+
+    original = Evaluator.evaluate
+
+    def evaluate(self, dataobject):
+        result = original(self, dataobject)
+        for key, value in result.items():
+            if isinstance(value, np.floating):
+                result[key] = float(value)
+        return result
+
+    Evaluator.evaluate = evaluate
+
+
 def apply() -> None:
     """Apply every patch once (idempotent). Called on ``import recbole_vlm2rec``."""
     global _APPLIED
@@ -248,4 +341,6 @@ def apply() -> None:
     _undo_sine_anomaly_mode()
     _default_no_sampling_for_ce_models()
     _install_safe_checkpoint_loading()
+    _unique_checkpoint_names()
+    _metric_values_as_floats()
     _APPLIED = True

@@ -70,7 +70,10 @@ class VLM2RecTrainer(ModalityDiagnosticsTrainer):
         self.model.eval()
         dataset = train_data._dataset
         directory = os.path.splitext(self.saved_model_file)[0]
-        self.export_paths = self.model.export(directory, dataset.field2id_token[dataset.iid_field])
+        os.makedirs(directory)  # the checkpoint name is unique to this run (compat 6): never another run's folder
+        self.export_paths = self.model.export(
+            directory, dataset.field2id_token[dataset.iid_field], checkpoint=self.saved_model_file
+        )
         self.logger.info(set_color("exported", "blue") + f": {self.export_paths}")
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from recbole_vlm2rec.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # family -> (config class, model class) names in transformers
@@ -172,10 +174,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _missing_checkpoint_error(name: str, reason: str) -> OSError:
+class BackboneNotFoundError(ConfigError, OSError):
+    """``vlm_name_or_path`` names no local directory and no reachable hub checkpoint (an ``OSError`` like
+    transformers' own; a ``ConfigError``, so that ``run_recbole`` prints the message without a traceback)."""
+
+
+def _missing_checkpoint_error(name: str, reason: str) -> BackboneNotFoundError:
     from .tiny import BUILTIN_BACKBONES
 
-    return OSError(
+    return BackboneNotFoundError(
         f"Cannot load the VLM backbone vlm_name_or_path={name!r}: {reason}.\n"
         f"On a machine with internet access run\n"
         f"    huggingface-cli download {name} --local-dir /path/to/{name.split('/')[-1]}\n"

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from recbole_vlm2rec.errors import ConfigError
+
 
 # ----------------------------------------------------------------------------------------------- images
 def open_image(image, size: int):
@@ -77,7 +79,7 @@ class ImagePreprocessor:
         factor = processor.patch_size * processor.merge_size
         if image_size % factor:
             lower, upper = max(factor, image_size // factor * factor), (image_size // factor + 1) * factor
-            raise ValueError(
+            raise ConfigError(
                 f"image_size={image_size} is not a multiple of {factor} (patch_size {processor.patch_size} x "
                 f"merge_size {processor.merge_size}) for this backbone; use {lower} or {upper}"
             )

@@ -34,6 +34,7 @@ same files.
 from __future__ import annotations
 
 import os
+from logging import getLogger
 from typing import Dict
 
 import numpy as np
@@ -196,6 +197,11 @@ class VLM2RecSASRec(SequentialRecommender):
                 )
         config["feature_prefix"] = prefix  # checkpoints keep the config: a reload reads the same files
         self.feature_prefix = prefix
+        source = next(iter(features.values())).meta
+        getLogger().info(
+            f"VLM2RecSASRec item features: {prefix}.{{{','.join(features)}}}.npy"
+            + (f" (exported from {source['checkpoint']})" if source.get("checkpoint") else "")
+        )
         return features
 
     def _init_weights(self, module):
