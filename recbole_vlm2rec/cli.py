@@ -8,9 +8,13 @@ Before handing over to RecBole, the command checks what RecBole would report bad
 (RecBole says "No module named 'lightgbm'"), a missing dataset folder, an unreadable YAML file. It also
 builds the embedded ``vlm2rec-demo`` dataset on first use.
 
-Exit codes: 0 success; 2 bad command line or configuration (unknown model, dataset or config file);
-1 the run itself failed (bad data or settings found while running: the message names the file, field
-or value and what to do; anything else is a bug and shows its traceback).
+Every value is then validated once RecBole's Config has merged them (``recbole_vlm2rec/settings.py``):
+a bad one (``--epochs=abc``, ``--learning_rate=-1``, ``--finetune=lore``) stops the command before any data
+is read, with a message naming the key, the value and what is allowed.
+
+Exit codes: 0 success; 2 bad command line or configuration files (unknown model, dataset or config file);
+1 a bad setting or bad data (the message names the key or file, the value and what to do), found before
+or while running; anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import argparse
 import os
 import sys
 from typing import List, Optional
+
+from recbole_vlm2rec.errors import VLM2RecError
 
 DEMO_DATASET = "vlm2rec-demo"
 # RecBole's own example dataset; its data_path is forced to recbole/dataset_example/ml-100k.
@@ -66,31 +72,78 @@ def _check_config_files(config_files: List[str]) -> None:
             )
 
 
-def known_config_keys() -> set:
-    """Every key some RecBole or recbole-vlm2rec property file or argument list defines."""
+# Keys of ours that any model reads (registry.py)
+GENERAL_PLUGIN_KEYS = ("torch_num_threads",)
+# How close a key must be to one of the selected model's keys to be taken for a typo of it: lamda/lambda
+# (0.91) and beta1/beta (0.89) are, another model's own setting such as hidden_size/image_size (0.67) or
+# alpha/lora_alpha (0.67) is not.
+NEAR_MISS_CUTOFF = 0.8
+
+
+def _yaml_keys(pattern: str) -> set:
     import glob
 
-    import recbole
     import yaml
+
+    keys = set()
+    for path in glob.glob(pattern, recursive=True):
+        with open(path, encoding="utf-8") as handle:
+            content = yaml.load(handle, Loader=yaml.FullLoader)
+        if isinstance(content, dict):
+            keys.update(content)
+    return keys
+
+
+def _recbole_properties() -> str:
+    import recbole
+
+    return os.path.join(os.path.dirname(recbole.__file__), "properties")
+
+
+def general_config_keys() -> set:
+    """Keys any model reads: the run flags, RecBole's argument lists, its overall, dataset and quick-start
+    property files, and ours for datasets."""
     from recbole.utils import argument_list
 
     from recbole_vlm2rec.registry import PROPERTIES_DIR
 
-    keys = set(RUN_FLAGS)
+    keys = set(RUN_FLAGS) | set(GENERAL_PLUGIN_KEYS)
     for name in ("general_arguments", "training_arguments", "evaluation_arguments", "dataset_arguments"):
         keys.update(getattr(argument_list, name))
-    recbole_properties = os.path.join(os.path.dirname(recbole.__file__), "properties")
-    for root in (recbole_properties, str(PROPERTIES_DIR)):
-        for path in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True):
-            with open(path, encoding="utf-8") as handle:
-                content = yaml.load(handle, Loader=yaml.FullLoader)
-            if isinstance(content, dict):
-                keys.update(content)
+    recbole_properties = _recbole_properties()
+    keys |= _yaml_keys(os.path.join(recbole_properties, "overall.yaml"))
+    for folder in ("dataset", "quick_start_config"):
+        keys |= _yaml_keys(os.path.join(recbole_properties, folder, "*.yaml"))
+    keys |= _yaml_keys(os.path.join(str(PROPERTIES_DIR), "dataset", "*.yaml"))
     return keys
 
 
-def _warn_unknown_keys(config_files: List[str], argv: List[str]) -> None:
-    """RecBole silently ignores a key it does not know (a typo such as ``lamda``): say so, with a suggestion."""
+def model_config_keys(model: str) -> set:
+    """Keys of ``model``'s own property files: RecBole's ``properties/model/<model>.yaml`` and the file a
+    plugin registered for it."""
+    from recbole_vlm2rec.registry import model_property_file
+
+    keys = _yaml_keys(os.path.join(_recbole_properties(), "model", f"{model}.yaml"))
+    plugin_file = model_property_file(model)
+    if plugin_file is not None:
+        keys |= _yaml_keys(str(plugin_file))
+    return keys
+
+
+def known_config_keys() -> set:
+    """Every key some RecBole or recbole-vlm2rec property file or argument list defines."""
+    from recbole_vlm2rec.registry import PROPERTIES_DIR
+
+    keys = general_config_keys()
+    for root in (_recbole_properties(), str(PROPERTIES_DIR)):
+        keys |= _yaml_keys(os.path.join(root, "**", "*.yaml"))
+    return keys
+
+
+def _warn_unknown_keys(config_files: List[str], argv: List[str], model: Optional[str] = None) -> None:
+    """RecBole silently ignores a key it does not know (a typo such as ``hiden_size``): say so, with a
+    suggestion. With ``model``, also a key that only other models read and that is a near miss of one of
+    ``model``'s own keys (``lamda``, a setting of other RecBole models, for VLM2Rec's ``lambda``)."""
     import difflib
 
     import yaml
@@ -101,15 +154,27 @@ def _warn_unknown_keys(config_files: List[str], argv: List[str]) -> None:
             given += [(key, path) for key in (yaml.load(handle, Loader=yaml.FullLoader) or {})]
     given += [(arg[2:].split("=", 1)[0], "the command line") for arg in argv if arg.startswith("--") and "=" in arg]
     known = known_config_keys()
+    general = general_config_keys()
+    own = model_config_keys(model) if model else set()
     for key, where in given:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            print(
-                f"run_recbole: warning: unknown key {key!r} in {where}{hint}; "
-                "no RecBole or recbole-vlm2rec setting has this name, so it only matters to a custom model",
-                file=sys.stderr,
-            )
+        if key in general or key in own:
+            continue
+        near = difflib.get_close_matches(key, own, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if key in known:
+            if near:
+                print(
+                    f"run_recbole: warning: key {key!r} in {where} is not a setting of {model} "
+                    f"(did you mean {near[0]!r}?); only other models read it, so {model} ignores it",
+                    file=sys.stderr,
+                )
+            continue
+        close = near or difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(
+            f"run_recbole: warning: unknown key {key!r} in {where}{hint}; "
+            "no RecBole or recbole-vlm2rec setting has this name, so it only matters to a custom model",
+            file=sys.stderr,
+        )
 
 
 def _dataset_dir(model: str, dataset: str, config_files: List[str]):
@@ -183,7 +248,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         import recbole_vlm2rec  # noqa: F401
-        from recbole_vlm2rec.errors import VLM2RecError
         from recbole_vlm2rec.registry import UnknownModelError, check_model_name
 
         try:
@@ -191,11 +255,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except UnknownModelError as error:
             raise UsageError(str(error)) from None
         _check_config_files(config_files)
-        _warn_unknown_keys(config_files, sys.argv[1:])
-        _prepare_dataset(args.model, args.dataset, config_files)
+        _warn_unknown_keys(config_files, sys.argv[1:], args.model)
+        _prepare_dataset(args.model, args.dataset, config_files)  # builds a Config: validates every value
     except UsageError as error:
         print(f"run_recbole: error: {error}", file=sys.stderr)
         return 2
+    except VLM2RecError as error:  # a bad setting (ConfigError): the message names the key and the value
+        print(f"run_recbole: error: {error}", file=sys.stderr)
+        return 1
 
     try:
         run(

@@ -638,6 +638,7 @@ def _write_csv(path: Path, fields: List[str], rows: List[dict]) -> None:
 
 def _prepare(args, extras: List[str]) -> Comparison:
     from recbole_vlm2rec import cli
+    from recbole_vlm2rec.errors import VLM2RecError
 
     seeds = _parse_seeds(args.seeds)
     _check_extras(extras)
@@ -655,7 +656,7 @@ def _prepare(args, extras: List[str]) -> Comparison:
         cli._warn_unknown_keys(all_files, extras)
         try:
             cli._prepare_dataset(models[0], args.dataset, config_files)
-        except cli.UsageError as error:
+        except (cli.UsageError, VLM2RecError) as error:  # VLM2RecError: a bad setting (ConfigError)
             raise UsageError(str(error)) from None
     finally:
         sys.argv = saved_argv

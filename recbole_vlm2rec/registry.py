@@ -15,7 +15,8 @@ RecBole 1.2.1 has no plugin registry; it finds things by name:
   settings for one model on one dataset (e.g. the demo settings of VLM2Rec on ``vlm2rec-demo``), applied last.
 
 A ``torch_num_threads`` key (any model) sets torch's CPU threads when the Config is built, next to RecBole's
-own device set-up.
+own device set-up. Every Config's merged values are validated (``settings.validate_config``) before RecBole
+sets its defaults: a bad value is a ``ConfigError`` naming the key, the value and what is allowed.
 
 An unknown model name makes RecBole fail with "No module named 'lightgbm'" (the probe reaches the optional
 ``exlib_recommender`` package); ``get_model`` is wrapped to name the model and list the available ones.
@@ -118,6 +119,11 @@ def plugin_models() -> Dict[str, type]:
     return dict(_plugin_models)
 
 
+def model_property_file(name: str) -> Optional[Path]:
+    """The default property file registered for plugin model ``name`` (None if it has none)."""
+    return _model_property_files.get(name)
+
+
 def builtin_models() -> List[str]:
     """Names of RecBole's built-in models whose packages import on this machine."""
     from recbole.model.abstract_recommender import AbstractRecommender
@@ -218,6 +224,18 @@ def install() -> None:
             torch.set_num_threads(int(threads))
 
     configurator.Config._init_device = _init_device
+
+    original_set_default_parameters = configurator.Config._set_default_parameters
+
+    def _set_default_parameters(self):
+        # Every source is merged here and nothing is built yet; RecBole's own checks, which come next, raise
+        # bare exceptions (or none: most values fail later, deep in a run). See recbole_vlm2rec/settings.py.
+        from recbole_vlm2rec.settings import validate_config
+
+        validate_config(self.final_config_dict, self.model)
+        original_set_default_parameters(self)
+
+    configurator.Config._set_default_parameters = _set_default_parameters
 
     wrapped = _wrap_get_model(recbole.utils.utils.get_model)
     for module in (recbole.utils.utils, recbole.utils, configurator, quick_start):
