@@ -13,8 +13,12 @@ release  reviews (JSON lines, or ratings CSV)                metadata (one recor
          CSV with header ``user_id,parent_asin,...``         features [], categories [], store, images []
 =======  ==================================================  ==========================================
 
-Files may be gzipped (detected from their first bytes, not their name). Every line is parsed on its
-own: a bad line is reported with ``file:line`` in :class:`~dataset_tools.problems.Problems` and skipped.
+Files may be gzipped (detected from their first bytes; a file named ``.gz`` must be gzip data). A file
+that cannot be read as a whole (truncated or corrupt gzip data, a read error, an HTML page or one JSON
+array instead of JSON lines) is a :class:`~dataset_tools.problems.FatalInputError` naming the file. Every
+line is parsed on its own: a bad line is reported with ``file:line`` in
+:class:`~dataset_tools.problems.Problems` and skipped (in metadata, the lines of items without reviews
+too, although they are not extracted).
 Timestamps are returned in seconds for every release. Item text is returned exactly, with HTML entities
 unescaped; a release's description paragraphs and feature bullets are joined with newlines.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import ast
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import functools
 import gzip
@@ -34,6 +39,7 @@ import json.scanner
 import os
 import pathlib
 import re
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Optional
 
@@ -84,12 +90,44 @@ def open_binary(path: os.PathLike | str) -> BinaryIO:
     return open(path, "rb", buffering=1 << 20)
 
 
+@contextlib.contextmanager
+def _reading(path: os.PathLike | str) -> Iterator[BinaryIO]:
+    """:func:`open_binary` for a ``with`` block whose read errors become one FatalInputError naming the file."""
+    try:
+        with open_binary(path) as f:
+            yield f
+    except EOFError:
+        raise FatalInputError(f"{path}: the gzip data ends early (a truncated file, e.g. an unfinished "
+                              f"download); download it again") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise FatalInputError(f"{path}: corrupt gzip data ({e}); download it again") from None
+    except OSError as e:
+        raise FatalInputError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def _is_gzipped(path: os.PathLike | str) -> bool:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FatalInputError(f"{path}: file not found")
     with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+        head = f.read(64)
+    if head[:2] == b"\x1f\x8b":
+        return True
+    if path.suffix.lower() == ".gz":
+        raise FatalInputError(f"{path}: named .gz but not gzip data (it starts with {head[:16]!r}; an error page "
+                              f"saved by a failed download?); download it again")
+    return False
+
+
+def _check_start(path, head: bytes) -> None:
+    """Reject, by their first bytes, inputs that would otherwise fail line by line with a misleading message."""
+    head = head.lstrip()
+    if head.startswith(b"["):
+        raise FatalInputError(f"{path}: looks like one JSON array; the Amazon files are one record "
+                              f"per line (convert with: jq -c '.[]' FILE > FILE.jsonl)")
+    if head.startswith(b"<"):
+        raise FatalInputError(f"{path}: looks like an HTML or XML page ({head[:40]!r}), not Amazon reviews "
+                              f"or metadata; an error page saved by a failed download? Download it again")
 
 
 def _numbered_lines(path: os.PathLike | str, progress: bool = False) -> Iterator[tuple[int, bytes]]:
@@ -97,14 +135,14 @@ def _numbered_lines(path: os.PathLike | str, progress: bool = False) -> Iterator
 
     With ``progress``, a tqdm bar counts lines on a terminal (never in logs: ``disable=None``).
     """
-    with open_binary(path) as f:
-        first = f.readline().removeprefix(b"\xef\xbb\xbf")
+    with _reading(path) as f:
+        first, lineno = f.readline().removeprefix(b"\xef\xbb\xbf"), 1
+        while first.isspace():
+            first, lineno = f.readline(), lineno + 1
         if not first:
             return
-        if first.lstrip().startswith(b"["):
-            raise FatalInputError(f"{path}: looks like one JSON array; the Amazon files are one record "
-                                  f"per line (convert with: jq -c '.[]' FILE > FILE.jsonl)")
-        numbered = itertools.chain([(1, first)], enumerate(f, 2))
+        _check_start(path, first)
+        numbered = itertools.chain([(lineno, first)], enumerate(f, lineno + 1))
         if progress:
             numbered = tqdm(numbered, desc=pathlib.Path(path).name, unit=" lines", disable=None, mininterval=0.5)
         for lineno, line in numbered:
@@ -239,16 +277,14 @@ def read_reviews(path, version: str, problems: Problems, progress: bool = False,
 
 def _chunks(path) -> Iterator[tuple[int, bytes]]:
     """The file as blocks of whole lines, each with the number of its first line."""
-    with open_binary(path) as f:
+    with _reading(path) as f:
         lineno, rest = 1, b""
         first = True
         while True:
             block = f.read(_CHUNK_BYTES)
             if first:
                 block = block.removeprefix(b"\xef\xbb\xbf")
-                if block.lstrip().startswith(b"["):
-                    raise FatalInputError(f"{path}: looks like one JSON array; the Amazon files are one record "
-                                          f"per line (convert with: jq -c '.[]' FILE > FILE.jsonl)")
+                _check_start(path, block)
                 first = False
             if not block:
                 if rest:
@@ -370,7 +406,7 @@ def _read_reviews_csv(path, version: str, problems: Problems) -> pd.DataFrame:
     2023 (or any file with a header row) by column names."""
     *_, scale = _REVIEW_KEYS[version]
     users, items, ratings, times = [], [], [], []
-    with open_binary(path) as fb:
+    with _reading(path) as fb:
         text = io.TextIOWrapper(fb, encoding="utf-8", errors="strict", newline="")
         reader = csv.reader(text)
         pu, pi, pr, pt = (0, 1, 2, 3) if version == "2014" else (1, 0, 2, 3)
@@ -427,11 +463,13 @@ _META_KEY = {"2014": "asin", "2018": "asin", "2023": "parent_asin"}
 
 def read_meta(path, version: str, wanted: Optional[set], problems: Problems,
               progress: bool = False) -> dict[str, ItemMeta]:
-    """Item metadata by item id; with ``wanted``, only those items (others are skipped unparsed).
+    """Item metadata by item id; with ``wanted``, only those items (others are checked, not extracted).
 
     Full Amazon metadata files hold every item of a category, most of them never reviewed in a
-    k-core subset; skipping the lines of unwanted items (found by a cheap regex on the raw line, parsed
-    in full whenever the regex is not certain) keeps the 2014 ``ast.literal_eval`` cost bounded.
+    k-core subset. A line whose item id a cheap regex finds and which is not wanted is only checked:
+    fully with ``json.loads`` (fast), or, for 2014 Python literals, with :func:`_literal_looks_whole`
+    (``ast.literal_eval`` of every line would cost ten times as much); a broken one is reported like any
+    other. Every other line is parsed in full.
     """
     key = _META_KEY[version]
     key_re = re.compile(rb"""['"]""" + key.encode() + rb"""['"]\s*:\s*['"]([^'"\\]+)['"]""")
@@ -439,11 +477,15 @@ def read_meta(path, version: str, wanted: Optional[set], problems: Problems,
     meta: dict[str, ItemMeta] = {}
     first_seen: dict[str, int] = {}
     for lineno, raw in _numbered_lines(path, progress):
+        where = f"{path}:{lineno}"
         if wanted is not None:
             hits = key_re.findall(raw)
             if len(hits) == 1 and as_token(hits[0].decode("utf-8", "replace")) not in wanted:
+                error = _unwanted_line_error(raw)
+                if error:
+                    problems.add("meta_malformed_line", where, f"{error}; its item "
+                                 f"{hits[0].decode('utf-8', 'replace')} has no reviews anyway")
                 continue
-        where = f"{path}:{lineno}"
         try:
             rec = _parse_record(raw)
         except ValueError as e:
@@ -470,6 +512,35 @@ def read_meta(path, version: str, wanted: Optional[set], problems: Problems,
         meta[item_id] = item
         first_seen[item_id] = lineno
     return meta
+
+
+# A Python string literal (as repr() writes them: no prefixes, no raw newlines) and what else may stand
+# in a 2014 record once its strings are gone: numbers, True/False/None, brackets, ':' and ','.
+_PY_STRING = re.compile(rb"""'[^'\\\n]*(?:\\.[^'\\\n]*)*'|"[^"\\\n]*(?:\\.[^"\\\n]*)*\"""")
+_PY_SKELETON = re.compile(rb"\{[\s\w.+\-{}\[\]():,]*\}")
+
+
+def _literal_looks_whole(raw: bytes) -> bool:
+    """A cheap stand-in for ``ast.literal_eval`` of a 2014 record: valid UTF-8, every string closed, only
+    literal tokens outside strings, balanced brackets. It catches cut-off and garbled lines, not all errors."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    rest = _PY_STRING.sub(b"0", raw.strip())
+    return (_PY_SKELETON.fullmatch(rest) is not None
+            and all(rest.count(a) == rest.count(b) for a, b in ((b"{", b"}"), (b"[", b"]"), (b"(", b")"))))
+
+
+def _unwanted_line_error(raw: bytes) -> Optional[str]:
+    """Why a metadata line that is not extracted is broken, or None."""
+    if raw.lstrip().startswith(b"{'"):
+        return None if _literal_looks_whole(raw) else "unreadable record (not a complete Python literal)"
+    try:
+        rec = json.loads(raw)
+    except ValueError as e:
+        return f"unreadable record (not valid JSON: {e})"
+    return None if isinstance(rec, dict) else f"not an object ({type(rec).__name__})"
 
 
 def _clean(text: str) -> str:

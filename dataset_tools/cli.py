@@ -6,11 +6,13 @@ multimodal catalog with planted signal), ``demo`` (the small offline ``vlm2rec-d
 
 Exit codes:
   0    the dataset was written (bad records, if any, were skipped, counted and listed; see the summary);
-  1    the conversion could not be done: a missing or unreadable file, an undetectable release, nothing
-       left after filtering, a write error; the message names the file and what to do; no half-written
-       file and no NAME.stats.json is left (a rerun resumes the image downloads);
+  1    the conversion could not be done: a missing or unreadable file (truncated or corrupt gzip, not
+       gzip although named .gz, an HTML page), an undetectable release, nothing left after filtering, a
+       write error; one line names the file and what to do; no half-written file, no NAME.stats.json
+       and no empty DIR/NAME/ is left (a rerun resumes the image downloads);
   2    wrong command-line usage (argparse's message);
-  130  interrupted (Ctrl-C); finished images are kept and a rerun resumes.
+  130  interrupted (Ctrl-C): downloads in progress are cut off at once, finished images are kept and a
+       rerun resumes.
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 
@@ -90,13 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images-dir", type=pathlib.Path, default=None, metavar="DIR",
                      help="take images from DIR (files named <item_id>.<ext> or like the URL's file name)")
     src.add_argument("--download-images", action="store_true",
-                     help="download http(s) image URLs (resumable; see --workers, --timeout, --retries)")
+                     help="download http(s) image URLs (resumable; see --workers, --timeout, --retries, "
+                          "--download-deadline)")
     _add_image_options(p, 224, "jpg")
     p.add_argument("--require-image", action="store_true",
                    help="drop items without a usable image (then the k-core is applied again)")
     p.add_argument("--workers", type=_positive_int, default=8, metavar="N", help="download/decode threads (default 8)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="seconds to wait for a connection or the next bytes (default 10)")
+    p.add_argument("--download-deadline", type=_positive_float, default=60.0, metavar="S",
+                   help="give up on an image after S seconds of downloading, all tries included; it counts "
+                        "as failed and a rerun tries again (default 60)")
     p.add_argument("--retries", type=_non_negative_int, default=3, metavar="N",
                    help="extra tries after timeouts, connection errors, HTTP 408/429/5xx (default 3)")
     p.add_argument("--backoff", type=float, default=0.5, metavar="S",
@@ -148,7 +161,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                         require_image=args.require_image, progress=not args.no_progress, parse_workers=args.jobs,
                         images=ImageOptions(size=args.image_size, fmt=args.image_format,
                                             images_dir=args.images_dir, download=args.download_images,
-                                            workers=args.workers, timeout=args.timeout, retries=args.retries,
+                                            workers=args.workers, timeout=args.timeout,
+                                            deadline=args.download_deadline, retries=args.retries,
                                             backoff=args.backoff))
         result = convert_amazon(job)
     elif args.command == "synthetic":

@@ -10,10 +10,16 @@ Order of work (each filter is recorded in ``NAME.stats.json["filters"]``):
 5. write ``NAME.inter``, ``NAME.item``, ``NAME.text.jsonl``, ``NAME.problems.jsonl`` and last
    ``NAME.stats.json``. The stats file is deleted when a run starts and written when it ends, so its
    presence means the directory holds one complete conversion.
+
+A run that fails (or is interrupted) and created ``DIR/NAME/`` itself removes it again, with the
+folders above it that it created, as long as they hold nothing but empty files and folders: no empty
+folder is left behind, and downloaded images (and anything older) are kept for the next run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
 import re
 from dataclasses import dataclass, field
@@ -66,6 +72,36 @@ def prepare_dataset_dir(out: pathlib.Path, name: str) -> pathlib.Path:
     return dataset_dir
 
 
+@contextlib.contextmanager
+def output_dir(out: pathlib.Path, name: str):
+    """:func:`prepare_dataset_dir` for the body of a ``with``; on failure, what it created is removed if empty."""
+    check_dataset_name(name)
+    target = pathlib.Path(out) / name
+    created = [p for p in (target, *target.parents) if not p.exists()]     # deepest first
+    dataset_dir = prepare_dataset_dir(out, name)
+    try:
+        yield dataset_dir
+    except BaseException:
+        if created:
+            _remove_if_empty(created)
+        raise
+
+
+def _remove_if_empty(created: list) -> None:
+    """Remove the folders of ``created`` (deepest first, the dataset folder first) that hold nothing but
+    empty files and folders; os.rmdir refuses any that still holds something."""
+    for root, _, files in os.walk(created[0], topdown=False):
+        for f in files:
+            path = pathlib.Path(root, f)
+            if path.stat().st_size == 0:
+                path.unlink()
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+    for d in created[1:]:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
 def convert_amazon(job: AmazonJob) -> Result:
     """Run the whole conversion; bad records go to the returned problems, fatal ones raise FatalInputError."""
     if job.images.images_dir is not None and not pathlib.Path(job.images.images_dir).is_dir():
@@ -73,9 +109,12 @@ def convert_amazon(job: AmazonJob) -> Result:
     for path in (job.reviews, job.meta):
         if not pathlib.Path(path).is_file():
             raise FatalInputError(f"{path}: file not found")
-    dataset_dir = prepare_dataset_dir(job.out, job.dataset)
-    problems = Problems()
+    with output_dir(job.out, job.dataset) as dataset_dir:
+        return _convert_amazon(job, dataset_dir)
 
+
+def _convert_amazon(job: AmazonJob, dataset_dir: pathlib.Path) -> Result:
+    problems = Problems()
     detected = job.version == "auto"
     version = amazon.detect_version(job.reviews, job.meta) if detected else job.version
     frame = amazon.read_reviews(job.reviews, version, problems, progress=job.progress, workers=job.parse_workers)

@@ -13,21 +13,34 @@ Sources, tried in this order for each item:
 3. An ``http(s)`` URL, fetched only with ``--download-images``: ``workers`` threads, ``timeout`` seconds
    to connect or for the next bytes, ``retries`` more tries after a timeout, connection error, HTTP 408,
    429 or 5xx, sleeping ``backoff * 2**try`` seconds (with jitter) in between; other 4xx (404, 410, 403)
-   are final.
+   are final. ``deadline`` (``--download-deadline``, 60 s) bounds one image's download as a whole, all
+   tries and pauses included: ``timeout`` alone would let a server that trickles a byte now and then hold
+   a worker forever. An image past its deadline is cut off at once and counted ``failed``.
+
+With ``--images-dir`` an item whose file is not there is ``missing`` (its reference, if any, is not
+read or fetched), with the names that were looked for.
+
+Interrupting (Ctrl-C): every download in progress is cut off at once (its socket is shut down, which
+wakes a thread blocked in connect or recv, the deadline's mechanism too), queued items are cancelled,
+and the items that finished meanwhile are still logged; the interrupted ones get no manifest entry and
+leave no file, so a rerun does them again.
 
 Resuming: ``NAME.images.jsonl`` (the manifest) gets one JSON line per finished item, appended right
 after its file is in place: ``{"item_id", "source", "status", "file", "size", "error", "attempts"}``.
 A rerun skips items whose last entry is ``ok`` (same source, size and format, file present) or a
-final HTTP error (``missing`` from the same URL), and retries everything else. At the end the manifest
-is compacted to one line per item (items of earlier runs that this run did not need included).
+final HTTP error (``missing`` after an HTTP try of the same URL), and retries everything else. At the
+end the manifest is compacted to one line per item (items of earlier runs that this run did not need
+included).
 Statuses: ``ok``; ``no_source`` (the metadata names no image);
-``not_fetched`` (a remote URL without ``--download-images``); ``missing`` (HTTP 404/410/other 4xx, file
-not found); ``corrupt`` (not a decodable image); ``failed`` (timeouts or errors after all retries).
+``not_fetched`` (a remote URL without ``--download-images`` or ``--images-dir``); ``missing`` (HTTP
+404/410/other 4xx, file not found, not in ``--images-dir``); ``corrupt`` (not a decodable image);
+``failed`` (timeouts or errors after all retries, or the download deadline passed).
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import http.client
 import io
@@ -35,6 +48,8 @@ import json
 import pathlib
 import random
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -51,6 +66,8 @@ from .problems import Problems
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 MAX_DOWNLOAD_BYTES = 32 << 20          # larger responses are not product photos; refuse them
 USER_AGENT = "vlm2rec-data/0.1 (+https://github.com/recbole-vlm2rec)"
+_READ_BYTES = 1 << 16
+_SWEEP_SECONDS = 0.2                   # how often the main thread cuts off downloads past their deadline
 _PROBLEM_KIND = {"no_source": "image_no_source", "missing": "image_missing",
                  "corrupt": "image_corrupt", "failed": "image_download_failed"}
 
@@ -62,7 +79,8 @@ class ImageOptions:
     images_dir: Optional[pathlib.Path] = None
     download: bool = False
     workers: int = 8
-    timeout: float = 10.0
+    timeout: float = 10.0                 # seconds to connect, or to wait for the next bytes
+    deadline: float = 60.0                # seconds for one image's whole download, all tries included
     retries: int = 3
     backoff: float = 0.5
     base_dir: Optional[pathlib.Path] = None   # where relative local references resolve (metadata's dir)
@@ -112,26 +130,195 @@ class _Failure(Exception):
         self.status, self.error, self.attempts = status, error, attempts
 
 
-def _download(url: str, opts: ImageOptions) -> tuple[bytes, int]:
-    """GET ``url`` with retries; returns (body, attempts) or raises _Failure("missing"|"failed")."""
+class _Stopped(Exception):
+    """The run is being interrupted: the item is left undone, without a manifest entry."""
+
+
+class _Try:
+    """One HTTP try: its deadline and its sockets, so that another thread can cut it off."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.cut: Optional[str] = None      # "deadline" or "stop" once cut off
+        self.received = 0                   # body bytes so far (for the error message)
+        self._lock = threading.Lock()
+        # Duplicates of the sockets, closed only here: shutting down a socket that urllib has closed
+        # meanwhile could hit an unrelated file that reused its descriptor.
+        self._socks: list = []
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.cut:
+                _shut(self._socks[-1])
+
+    def cut_off(self, why: str) -> None:
+        with self._lock:
+            self.cut = self.cut or why
+            for s in self._socks:
+                _shut(s)
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)     # wakes the thread blocked in connect() or recv() on it
+    except OSError:
+        pass                                # not connected (yet), or already closed by the peer
+
+
+class _Watchdog:
+    """The live HTTP tries of one run; :meth:`sweep` (called by the main thread) cuts off those past their
+    deadline, :meth:`halt` all of them (Ctrl-C)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set = set()
+
+    @contextlib.contextmanager
+    def attempt(self, deadline: float):
+        if self.stop.is_set():
+            raise _Stopped
+        t = _Try(deadline)
+        with self._lock:
+            self._live.add(t)
+        _current.attempt = t
+        try:
+            yield t
+        finally:
+            _current.attempt = None
+            with self._lock:
+                self._live.discard(t)
+            t.close()
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            live = list(self._live)
+        for t in live:
+            if self.stop.is_set():
+                t.cut_off("stop")
+            elif now >= t.deadline:
+                t.cut_off("deadline")
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.sweep()
+
+
+_current = threading.local()      # the _Try of the download running in this thread
+
+
+def _connect(address, timeout, source_address=None) -> socket.socket:
+    """socket.create_connection, but each socket is handed to the current try before it connects, so
+    that a deadline or Ctrl-C also cuts off a connect in progress."""
+    attempt = _current.attempt
+    error: Optional[OSError] = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            attempt.watch(sock)
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(addr)
+            if attempt.cut:
+                raise OSError("cut off")
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+            if attempt.cut:
+                break
+    raise error or OSError(f"no address for {address[0]}")
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect      # http.client's own hook for opening the socket
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)   # replaces the default handlers
+
+
+def _fetch(url: str, opts: ImageOptions, attempt: _Try) -> bytes:
+    """One GET. The body is read in pieces, each returned as soon as some bytes arrive, so that the
+    deadline is also checked between them."""
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    parts = []
+    with _OPENER.open(req, timeout=opts.timeout) as resp:
+        while True:
+            if time.monotonic() >= attempt.deadline:
+                attempt.cut_off("deadline")
+            if attempt.cut:
+                raise OSError("cut off")
+            part = resp.read1(_READ_BYTES)
+            if not part:
+                break
+            parts.append(part)
+            attempt.received += len(part)
+            if attempt.received > MAX_DOWNLOAD_BYTES:
+                raise _Failure("failed", f"larger than {MAX_DOWNLOAD_BYTES} bytes")
+    if attempt.cut:                         # a socket shut down by the watchdog reads as the end of data
+        raise OSError("cut off")
+    return b"".join(parts)
+
+
+def _download(url: str, opts: ImageOptions, watchdog: _Watchdog) -> tuple[bytes, int]:
+    """GET ``url`` with retries within ``opts.deadline``; returns (body, attempts) or raises
+    _Failure("missing"|"failed"), or _Stopped once the watchdog is halted."""
+    give_up = time.monotonic() + opts.deadline
     error = ""
     for attempt in range(opts.retries + 1):
         if attempt:
-            time.sleep(opts.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25))
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-            with urllib.request.urlopen(req, timeout=opts.timeout) as resp:
-                body = resp.read(MAX_DOWNLOAD_BYTES + 1)
-            if len(body) > MAX_DOWNLOAD_BYTES:
-                raise _Failure("failed", f"larger than {MAX_DOWNLOAD_BYTES} bytes", attempt + 1)
-            return body, attempt + 1
-        except urllib.error.HTTPError as e:
-            error = f"HTTP {e.code}"
-            if 400 <= e.code < 500 and e.code not in (408, 429):
-                raise _Failure("missing", error, attempt + 1) from None
-        except (OSError, http.client.HTTPException) as e:     # URLError, timeouts, resets, bad responses
-            reason = getattr(e, "reason", e)
-            error = "timed out" if isinstance(reason, TimeoutError) else f"{type(reason).__name__}: {reason}"
+            pause = opts.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+            if time.monotonic() + pause >= give_up:
+                raise _Failure("failed", f"{error} (after {attempt} tries; the {opts.deadline:g} s download "
+                                         f"deadline leaves no time for another)", attempt)
+            if watchdog.stop.wait(pause):
+                raise _Stopped
+        with watchdog.attempt(give_up) as t:
+            try:
+                return _fetch(url, opts, t), attempt + 1
+            except _Failure as f:
+                f.attempts = attempt + 1
+                raise
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code}"
+                if t.cut is None and 400 <= e.code < 500 and e.code not in (408, 429):
+                    raise _Failure("missing", error, attempt + 1) from None
+            except (OSError, http.client.HTTPException) as e:     # URLError, timeouts, resets, bad responses
+                reason = getattr(e, "reason", e)
+                error = "timed out" if isinstance(reason, TimeoutError) else f"{type(reason).__name__}: {reason}"
+            if t.cut == "stop":
+                raise _Stopped
+            if t.cut:
+                raise _Failure("failed", f"download deadline of {opts.deadline:g} s passed during try {attempt + 1} "
+                                         f"({t.received} bytes received); a rerun tries again (or raise "
+                                         f"--download-deadline)", attempt + 1)
     raise _Failure("failed", f"{error} (after {opts.retries + 1} tries)", opts.retries + 1)
 
 
@@ -163,8 +350,12 @@ class _DirIndex:
     def find(self, item_id: str, ref: Optional[str]) -> Optional[pathlib.Path]:
         hit = self.by_stem.get(item_id)
         if hit is None and ref:
-            hit = self.by_name.get(pathlib.PurePosixPath(urllib.parse.urlsplit(ref).path).name)
+            hit = self.by_name.get(_url_name(ref))
         return hit
+
+
+def _url_name(ref: str) -> str:
+    return pathlib.PurePosixPath(urllib.parse.urlsplit(ref).path).name
 
 
 def read_manifest(path: pathlib.Path) -> dict:
@@ -202,8 +393,12 @@ def process_images(dataset_dir: pathlib.Path, name: str, refs: dict, opts: Image
         if old and old.get("source") == source and (
                 (old.get("status") == "ok" and old.get("size") == opts.size and old.get("file") == file_name
                  and (images_dir / file_name).is_file())
-                or (old.get("status") == "missing" and _is_remote(source))):
+                or (old.get("status") == "missing" and _is_remote(source) and old.get("attempts", 0) > 0)):
             final[item_id] = dict(old, resumed=True)
+        elif index and local is None and source and _is_remote(source) and not opts.download:
+            final[item_id] = _entry(item_id, source, "missing", None, opts,
+                                    f"not found in --images-dir {opts.images_dir} as {item_id}.<ext> or "
+                                    f"{_url_name(source)}")
         elif source is None:
             final[item_id] = _entry(item_id, None, "no_source", None, opts, "the metadata names no image")
         elif local is None and _is_remote(source) and not opts.download:
@@ -212,19 +407,35 @@ def process_images(dataset_dir: pathlib.Path, name: str, refs: dict, opts: Image
             jobs.append((item_id, source, local, file_name))
 
     resumed = sum(1 for e in final.values() if e.get("resumed"))
+    watchdog = _Watchdog()
     with open(manifest_path, "a", encoding="utf-8") as log, \
             concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool, \
             tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress or not jobs) as bar:
-        futures = [pool.submit(_one_image, job, images_dir, opts) for job in jobs]
+
+        def record(entry: dict) -> None:
+            log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            log.flush()
+            final[entry["item_id"]] = entry
+            bar.update(1)
+
+        pending: set = set()
         try:
-            for fut in concurrent.futures.as_completed(futures):
-                entry = fut.result()
-                log.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                log.flush()
-                final[entry["item_id"]] = entry
-                bar.update(1)
+            pending = {pool.submit(_one_image, job, images_dir, opts, watchdog) for job in jobs}
+            while pending:
+                done, _ = concurrent.futures.wait(pending, timeout=_SWEEP_SECONDS,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                watchdog.sweep()
+                for fut in done:
+                    record(fut.result())
+                    pending.discard(fut)
         except BaseException:
+            # Ctrl-C (or an error): cut off every download now rather than wait for them, drop the queue,
+            # and log what finished meanwhile so that a rerun skips it.
+            watchdog.halt()
             pool.shutdown(wait=True, cancel_futures=True)
+            for fut in pending:
+                if not fut.cancelled() and fut.exception() is None:
+                    record(fut.result())
             raise
 
     for item_id in sorted(final):
@@ -247,13 +458,14 @@ def _entry(item_id, source, status, file_name, opts, error=None, attempts=0) -> 
             "size": opts.size, "error": error, "attempts": attempts}
 
 
-def _one_image(job, images_dir: pathlib.Path, opts: ImageOptions) -> dict:
-    """Read or download one image, verify, normalise and store it; never raises for bad input."""
+def _one_image(job, images_dir: pathlib.Path, opts: ImageOptions, watchdog: _Watchdog) -> dict:
+    """Read or download one image, verify, normalise and store it; never raises for bad input (only
+    _Stopped, on Ctrl-C)."""
     item_id, source, local, file_name = job
     attempts = 0
     try:
         if local is None and _is_remote(source):
-            data, attempts = _download(source, opts)
+            data, attempts = _download(source, opts, watchdog)
         else:
             path = local or _local_path(source, opts.base_dir)
             if path is None:

@@ -6,8 +6,9 @@ Two kinds of trouble, two mechanisms:
   added to a :class:`Problems` collector with where it was found (``file:line`` or ``item <id>``),
   counted per kind, skipped, and reported at the end (printed, in ``NAME.stats.json`` and listed in
   ``NAME.problems.jsonl``).
-* A bad *input as a whole* (a missing file, an undetectable release, nothing left after filtering)
-  raises :class:`FatalInputError`; the CLI prints its message and exits with status 1.
+* A bad *input as a whole* (a missing, truncated or corrupt file, an undetectable release, nothing left
+  after filtering) raises :class:`FatalInputError` naming the file; the CLI prints its message on one
+  line and exits with status 1.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 
 from . import preprocess
-from .convert import Result, prepare_dataset_dir, write_dataset
+from .convert import Result, output_dir, write_dataset
 from .problems import FatalInputError, Problems
 
 
@@ -61,9 +61,9 @@ def convert_sequences(input_path, out, name: str, kcore: int = 0) -> Result:
         filters.append(rec)
         if frame.empty:
             raise FatalInputError(f"{input_path}: no interactions left after the {kcore}-core; lower --kcore")
-    dataset_dir = prepare_dataset_dir(out, name)
     frame = preprocess.sort_by_user_time(frame)
     source = {"kind": "sequences", "input": str(input_path), "users_read": len(data),
               "repeated_items_in_sequences": repeats, "timestamps": "position in the user's list, from 1"}
-    stats = write_dataset(dataset_dir, name, frame, None, problems, source, filters, {"kcore": kcore})
+    with output_dir(out, name) as dataset_dir:
+        stats = write_dataset(dataset_dir, name, frame, None, problems, source, filters, {"kcore": kcore})
     return Result(dataset_dir, stats, problems)

@@ -33,3 +33,13 @@ def image_server():
     server = ImageServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def trickle_server():
+    """A local HTTP server on 127.0.0.1 that sends bodies one byte per second (helpers.TrickleServer)."""
+    from helpers import TrickleServer
+
+    server = TrickleServer()
+    yield server
+    server.close()

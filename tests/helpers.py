@@ -136,3 +136,56 @@ class ImageServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class TrickleServer:
+    """An HTTP server on 127.0.0.1 that sends a route's body one byte every ``interval`` seconds (0: at
+    once), headers first, and closes the connection after ``give_up`` seconds: a client without a total
+    deadline waits as long as the server keeps trickling. Counts requests per path."""
+
+    def __init__(self, give_up=20.0):
+        self.routes = {}
+        self.hits = collections.Counter()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits[self.path] += 1
+                body, interval = server.routes.get(self.path, (b"not found", 0.0))
+                try:
+                    self.send_response(200 if self.path in server.routes else 404)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if not interval:
+                        self.wfile.write(body)
+                        return
+                    stop = time.monotonic() + give_up
+                    for k in range(len(body)):
+                        if time.monotonic() > stop:
+                            break
+                        self.wfile.write(body[k:k + 1])
+                        self.wfile.flush()
+                        time.sleep(interval)
+                except OSError:
+                    pass            # the client gave up
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, path, body, interval=1.0):
+        self.routes[path] = (body, interval)
+        return self.base + path
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

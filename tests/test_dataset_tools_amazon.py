@@ -4,8 +4,12 @@ Every expected number below is counted by hand from the fixture files; the comme
 """
 import gzip
 import json
+import os
+import random
+import stat
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -375,3 +379,120 @@ def test_atomic_path_never_leaves_partial_files(tmp_path):
             tmp.write_text("half writ")
             raise RuntimeError("killed")
     assert target.read_text() == "old complete content" and [p.name for p in tmp_path.iterdir()] == ["f.inter"]
+
+
+# ------------------------------------------------------------------------------- unreadable inputs
+
+def _gzip_with_zlib_error(data: bytes) -> bytes:
+    """``data`` gzipped, with the first single-byte change that makes the deflate stream invalid."""
+    packed = gzip.compress(data, mtime=0)
+    for k in range(20, len(packed) - 8):
+        broken = bytearray(packed)
+        broken[k] ^= 0xFF
+        try:
+            gzip.decompress(bytes(broken))
+        except zlib.error:
+            return bytes(broken)
+        except (OSError, EOFError):
+            continue
+    raise AssertionError("no byte flip gives a zlib error")
+
+
+def _gzip_with_bad_crc(data: bytes) -> bytes:
+    packed = bytearray(gzip.compress(data, mtime=0))
+    packed[-8] ^= 0xFF                       # the CRC32 of the trailer: every byte decodes, the check fails
+    return bytes(packed)
+
+
+@pytest.mark.parametrize("which,make,message", [
+    ("reviews", lambda d: gzip.compress(d)[:len(gzip.compress(d)) // 2], "the gzip data ends early"),
+    ("meta", lambda d: gzip.compress(d)[:len(gzip.compress(d)) // 2], "the gzip data ends early"),
+    ("reviews", lambda d: random.Random(0).randbytes(3000), "named .gz but not gzip data"),
+    ("meta", lambda d: b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n", "named .gz but not gzip data"),
+    ("reviews", _gzip_with_bad_crc, "corrupt gzip data (CRC check failed"),
+    ("reviews", _gzip_with_zlib_error, "corrupt gzip data (Error -3"),
+])
+def test_unreadable_input_is_one_line_error_naming_the_file(tmp_path, capsys, which, make, message):
+    files = {"reviews": FIXTURES / "2014/reviews.json", "meta": FIXTURES / "2014/meta.json"}
+    broken = tmp_path / f"{which}.json.gz"
+    broken.write_bytes(make(files[which].read_bytes() * 20))
+    files[which] = broken
+    out = tmp_path / "out"
+    assert run_cli("amazon", "--reviews", files["reviews"], "--meta", files["meta"], "--out", out,
+                   "--dataset", "x", "--kcore", "0", "--no-progress") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vlm2rec-data amazon: error: {broken}: {message}"), err
+    assert not out.exists()                  # no empty DIR/NAME/ (nor DIR) left by the failed run
+
+
+def test_html_page_saved_as_json_is_named(tmp_path, capsys):
+    page = tmp_path / "meta.json"
+    page.write_text("\n<html><head><title>Access denied</title></head></html>\n")
+    assert run_cli("amazon", "--reviews", FIXTURES / "2014/reviews.json", "--meta", page, "--out", tmp_path / "o",
+                   "--dataset", "x", "--no-progress") == 1
+    assert f"{page}: looks like an HTML or XML page" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("release,line,message", [
+    ("2014", "{'asin': 'Z999', 'title': 'cut off in the middle", "not a complete Python literal"),
+    ("2018", '{"asin": "Z999", "title": "cut off in the middle', "not valid JSON"),
+])
+def test_malformed_meta_line_of_an_item_without_reviews_is_reported(tmp_path, release, line, message):
+    meta = tmp_path / "meta.json"
+    lines = (FIXTURES / release / "meta.json").read_text(encoding="utf-8").splitlines()
+    meta.write_text("\n".join(lines + [line, lines[0].replace("B001", "Z998").replace("C001", "Z998")]) + "\n",
+                    encoding="utf-8")
+    assert run_cli("amazon", "--reviews", FIXTURES / release / "reviews.json", "--meta", meta, "--out", tmp_path,
+                   "--dataset", "m", "--kcore", "0", "--no-progress") == 0
+    bad = [p for p in problems_of(tmp_path / "m", "m") if p["where"] == f"{meta}:{len(lines) + 1}"]
+    assert len(bad) == 1 and bad[0]["kind"] == "meta_malformed_line"
+    assert message in bad[0]["message"] and "Z999 has no reviews" in bad[0]["message"]
+    # The well-formed record of another unreviewed item (last line) is skipped silently, as before.
+    assert not [p for p in problems_of(tmp_path / "m", "m") if p["where"] == f"{meta}:{len(lines) + 2}"]
+
+
+def test_item_missing_from_images_dir_is_listed_with_a_correct_message(tmp_path, images_2014, capsys):
+    # kcore 0 keeps B005, whose image is not in the directory.
+    assert run_cli("amazon", "--reviews", FIXTURES / "2014/reviews.json", "--meta", FIXTURES / "2014/meta.json",
+                   "--out", tmp_path, "--dataset", "d", "--kcore", "0", "--images-dir", images_2014,
+                   "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "pass --download-images or --images-dir" not in out
+    stats = load_stats(tmp_path / "d", "d")
+    assert stats["images"]["counts"] == {"corrupt": 1, "missing": 1, "ok": 3}     # was: not_fetched 1, unlisted
+    missing = {p["where"]: p["message"] for p in problems_of(tmp_path / "d", "d") if p["kind"] == "image_missing"}
+    assert missing["item B005"].startswith(f"not found in --images-dir {images_2014} as B005.<ext> or B005.jpg")
+
+
+def test_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
+    args = ["--reviews", FIXTURES / "2014/reviews.json", "--meta", FIXTURES / "2014/meta.json", "--no-progress"]
+    # A new DIR/NAME (and DIR) are removed again when nothing is left after filtering.
+    assert run_cli("amazon", *args, "--out", tmp_path / "new" / "data", "--dataset", "x", "--kcore", "10") == 1
+    assert not (tmp_path / "new").exists()
+    # An existing output folder is kept, with its files, whatever happens.
+    assert run_cli("amazon", *args, "--out", tmp_path, "--dataset", "old", "--kcore", "2") == 0
+    before = sorted(p.name for p in (tmp_path / "old").iterdir())
+    assert run_cli("amazon", *args, "--out", tmp_path, "--dataset", "old", "--kcore", "10") == 1
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [n for n in before if n != "old.stats.json"]
+    # Images a failed run downloaded or copied are kept for the next run.
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "B001.jpg").write_bytes(image_bytes())
+    assert run_cli("amazon", *args, "--out", tmp_path, "--dataset", "img", "--kcore", "2", "--images-dir", d,
+                   "--require-image") == 1
+    assert (tmp_path / "img" / "images" / "B001.jpg").is_file() and (tmp_path / "img" / "img.images.jsonl").is_file()
+
+
+def test_outputs_get_the_permissions_open_would_give(tmp_path, images_2014):
+    # Temporary-then-rename writing must not leave files at mkstemp's 0600 (a guard: atomic_path opens
+    # its temporary names with open(), which already gives 0666 & ~umask).
+    old = os.umask(0o027)
+    try:
+        assert run_cli("amazon", "--reviews", FIXTURES / "2014/reviews.json", "--meta", FIXTURES / "2014/meta.json",
+                       "--out", tmp_path, "--dataset", "p", "--kcore", "3", "--images-dir", images_2014,
+                       "--no-progress") == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "p").rglob("*") if p.is_file()]
+    assert len(files) >= 9
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o640) for p in files}
