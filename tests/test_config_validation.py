@@ -241,3 +241,17 @@ def test_the_command_warns_about_the_near_miss(tiny_mm, capsys):
                      f"--config_files={VLM2REC_TINY}", "--lamda=0.5", "--epochs=-1"])
     err = capsys.readouterr().err
     assert code == 1 and "did you mean 'lambda'?" in err and "epochs must be an integer >= 0, got -1" in err
+
+
+@pytest.mark.parametrize("arg, message", [
+    # a hub id that is not in the local cache, offline: how to get the weights, not a traceback
+    ("--vlm_name_or_path=Qwen/Qwen2-VL-2B-Instruct", "Cannot load the VLM backbone"),
+    # fits the config rules but not this backbone's patch grid (28 px for tiny-qwen2-vl)
+    ("--image_size=30", "image_size=30 is not a multiple of 28"),
+])
+def test_settings_found_wrong_when_the_model_is_built_exit_1(tmp_path, tiny_mm, arg, message):
+    result = run_cli(["--model=VLM2Rec", "--dataset=tiny-mm", f"--data_path={tiny_mm}",
+                      f"--config_files={VLM2REC_TINY}", arg], cwd=tmp_path, timeout=180,
+                     env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and message in result.stderr, result.stderr[-3000:]
