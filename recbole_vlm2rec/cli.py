@@ -12,6 +12,10 @@ Every value is then validated once RecBole's Config has merged them (``recbole_v
 a bad one (``--epochs=abc``, ``--learning_rate=-1``, ``--finetune=lore``) stops the command before any data
 is read, with a message naming the key, the value and what is allowed.
 
+The run itself is ``recbole_vlm2rec.run.run_recbole``: RecBole's quick-start steps and log lines, the code
+path every ``vlm2rec-compare`` child takes too. ``check_config_files``, ``warn_unknown_keys`` and
+``prepare_dataset`` are the checks ``vlm2rec-compare`` makes before its runs as well.
+
 Exit codes: 0 success; 2 bad command line or configuration files (unknown model, dataset or config file);
 1 a bad setting or bad data (the message names the key or file, the value and what to do), found before
 or while running; anything else is a bug and shows its traceback.
@@ -35,7 +39,9 @@ RUN_FLAGS = ("model", "dataset", "config_files", "nproc", "ip", "port", "world_s
 
 
 class UsageError(Exception):
-    """A problem with the command line or configuration that the user must fix (exit code 2)."""
+    """A problem with the command line or configuration that the user must fix (exit code 2).
+
+    The one such class of the package: ``vlm2rec-compare`` raises and catches it too."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_config_files(config_files: List[str]) -> None:
+def check_config_files(config_files: List[str]) -> None:
+    """Raise ``UsageError`` naming the first file that is missing, unreadable or not a YAML mapping."""
     import yaml
 
     for path in config_files:
@@ -140,7 +147,7 @@ def known_config_keys() -> set:
     return keys
 
 
-def _warn_unknown_keys(config_files: List[str], argv: List[str], model: Optional[str] = None) -> None:
+def warn_unknown_keys(config_files: List[str], argv: List[str], model: Optional[str] = None) -> None:
     """RecBole silently ignores a key it does not know (a typo such as ``hiden_size``): say so, with a
     suggestion. With ``model``, also a key that only other models read and that is a near miss of one of
     ``model``'s own keys (``lamda``, a setting of other RecBole models, for VLM2Rec's ``lambda``)."""
@@ -177,7 +184,7 @@ def _warn_unknown_keys(config_files: List[str], argv: List[str], model: Optional
         )
 
 
-def _dataset_dir(model: str, dataset: str, config_files: List[str]):
+def dataset_dir(model: str, dataset: str, config_files: List[str]):
     """The folder RecBole will read ``dataset`` from, resolved with RecBole's own Config."""
     from recbole.config import Config
 
@@ -185,10 +192,13 @@ def _dataset_dir(model: str, dataset: str, config_files: List[str]):
     return config["data_path"]
 
 
-def _prepare_dataset(model: str, dataset: str, config_files: List[str]) -> None:
+def prepare_dataset(model: str, dataset: str, config_files: List[str]) -> None:
+    """Build the embedded demo dataset on first use; raise ``UsageError`` when ``dataset`` has no atomic files.
+
+    Builds a RecBole Config on the way, which validates every value (a bad one is a ``ConfigError``)."""
     if dataset in BUILTIN_DATASETS:
         return
-    data_dir = _dataset_dir(model, dataset, config_files)
+    data_dir = dataset_dir(model, dataset, config_files)
     if dataset == DEMO_DATASET and not os.path.isfile(os.path.join(data_dir, f"{dataset}.inter")):
         from dataset_tools.demo import ensure_demo_dataset
 
@@ -204,11 +214,14 @@ def _prepare_dataset(model: str, dataset: str, config_files: List[str]) -> None:
 
 
 def _worker(rank: int, model: str, dataset: str, config_files, kwargs) -> None:
-    """Entry point of each spawned process: import the plugin (registration), then run RecBole's worker."""
+    """Entry point of each spawned process: import the plugin (registration), then run as RecBole's
+    ``run_recboles`` does (its rank as ``local_rank``), through the same run function as one process."""
     import recbole_vlm2rec  # noqa: F401  (registers our models in this fresh process)
-    from recbole.quick_start import run_recboles
+    from recbole_vlm2rec.run import run_recbole
 
-    run_recboles(rank, model, dataset, config_files, kwargs)
+    kwargs = dict(kwargs)
+    kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=rank)
+    run_recbole(model, dataset, config_files, **kwargs)
 
 
 def run(
@@ -221,12 +234,15 @@ def run(
     port: str = "5678",
     group_offset: int = 0,
 ):
-    """Run one model on one dataset, as RecBole's ``run`` does (one process, or ``nproc`` spawned workers)."""
+    """Run one model on one dataset, as RecBole's ``run`` does (one process, or ``nproc`` spawned workers).
+
+    One process returns ``recbole_vlm2rec.run.run_recbole``'s result dict (RecBole's keys plus times,
+    parameter counts, exports); spawned workers return RecBole's part of it from the first worker."""
     import recbole_vlm2rec  # noqa: F401
-    from recbole.quick_start import run_recbole
+    from recbole_vlm2rec.run import run_recbole
 
     if nproc == 1 and world_size <= 0:
-        return run_recbole(model=model, dataset=dataset, config_file_list=config_files)
+        return run_recbole(model, dataset, config_files)
 
     # RecBole's own spawn target would not import this plugin in the workers: use ours.
     import torch.multiprocessing as mp
@@ -254,9 +270,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_model_name(args.model)
         except UnknownModelError as error:
             raise UsageError(str(error)) from None
-        _check_config_files(config_files)
-        _warn_unknown_keys(config_files, sys.argv[1:], args.model)
-        _prepare_dataset(args.model, args.dataset, config_files)  # builds a Config: validates every value
+        check_config_files(config_files)
+        warn_unknown_keys(config_files, sys.argv[1:], args.model)
+        prepare_dataset(args.model, args.dataset, config_files)  # builds a Config: validates every value
     except UsageError as error:
         print(f"run_recbole: error: {error}", file=sys.stderr)
         return 2
@@ -282,6 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"run_recbole: error: {error}", file=sys.stderr)
         return 1
     return 0
+
 
 
 if __name__ == "__main__":

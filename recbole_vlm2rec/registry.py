@@ -19,19 +19,24 @@ own device set-up. Every Config's merged values are validated (``settings.valida
 sets its defaults: a bad value is a ``ConfigError`` naming the key, the value and what is allowed.
 
 An unknown model name makes RecBole fail with "No module named 'lightgbm'" (the probe reaches the optional
-``exlib_recommender`` package); ``get_model`` is wrapped to name the model and list the available ones.
+``exlib_recommender`` package); ``get_model`` is wrapped to name the model and list the available ones. A
+RecBole model that needs an optional package that is not installed (LightGBM, XGBoost, KGAT, KGIN, MCCLK,
+NCL here) is reported as such, with the package and its pip command (``MissingPackageError``).
 """
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import inspect
 import os
 import pkgutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from recbole_vlm2rec import compat
+from recbole_vlm2rec.errors import ConfigError
 
 
 def _properties_dir() -> Path:
@@ -110,15 +115,6 @@ def register_model(
         _model_property_files[name] = default_file
 
 
-def register_dataset_properties(directory: os.PathLike) -> None:
-    """Also read ``<directory>/<dataset>.yaml`` as a dataset's default properties."""
-    _dataset_property_dirs.append(Path(directory))
-
-
-def plugin_models() -> Dict[str, type]:
-    return dict(_plugin_models)
-
-
 def model_property_file(name: str) -> Optional[Path]:
     """The default property file registered for plugin model ``name`` (None if it has none)."""
     return _model_property_files.get(name)
@@ -158,9 +154,181 @@ def _unknown_model_message(name: str) -> str:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ``UnknownModelError`` (listing the available models) if ``name`` is not a model."""
-    if name not in _plugin_models and name not in builtin_models():
+    """Raise ``UnknownModelError`` (listing the available models) if ``name`` is not a model, and
+    ``MissingPackageError`` (naming the package and its pip command) if it is RecBole's but needs an optional
+    package that is not installed."""
+    if name in _plugin_models:
+        return
+    _raise_if_missing_packages(name)
+    if name not in builtin_models():
         raise UnknownModelError(_unknown_model_message(name))
+
+
+# ------------------------------------------------------------------ models that need an optional package
+# RecBole 1.2.1 imports some packages that it does not install: at import (exlib_recommender/__init__.py
+# imports lightgbm and xgboost for both its models) or inside a method that every run calls (KGAT: dgl;
+# KGIN, MCCLK: torch_scatter; NCL: faiss). RecBole then says "No module named 'lightgbm'" for every model
+# name it cannot find, or fails deep in a run. What a model needs is read from RecBole's source (the model
+# file's imports at any depth, its package's module-level ones), never from a list of model names.
+
+# pip's name where it differs from the import name
+PIP_NAMES = {"faiss": "faiss-cpu", "torch_scatter": "torch-scatter", "community": "python-louvain",
+             "kmeans_pytorch": "kmeans-pytorch", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+# imports in a model file that only one setting's value needs: (model, import) -> (setting, needs it?, wording)
+CONDITIONAL_IMPORTS = {
+    ("NNCF", "community"): ("neigh_info_method", lambda value: value == "louvain", "neigh_info_method: louvain"),
+    ("LDiffRec", "kmeans_pytorch"): ("n_cate", lambda value: value is not None and int(value) > 1, "n_cate > 1"),
+}
+
+
+class MissingPackageError(UnknownModelError, ConfigError):
+    """RecBole's model ``model`` needs optional packages (import names ``packages``) that are not installed.
+
+    It is an ``UnknownModelError`` so that whatever reports an unusable model name reports it (the
+    ``run_recbole`` command: exit 2), and a ``ConfigError`` so that a setting that needs a package
+    (``setting``, e.g. NNCF's ``neigh_info_method: louvain``), found when a Config is built, is reported as a
+    bad setting (exit 1). Its message is one line and never says "unknown model"."""
+
+    def __init__(self, model: str, packages, setting: Optional[str] = None, via: Optional[Dict[str, str]] = None):
+        self.model, self.packages, self.setting = model, tuple(packages), setting
+        super().__init__(missing_package_message(model, self.packages, setting, via))
+
+
+def missing_package_message(model: str, packages, setting: Optional[str] = None,
+                            via: Optional[Dict[str, str]] = None) -> str:
+    names = list(packages)
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    notes = [f"{name}: {where} imports it" for name, where in (via or {}).items() if name in names]
+    return (
+        f"model {model!r}" + (f" with {setting}" if setting else "")
+        + f" needs the optional package{'s' if len(names) > 1 else ''} {listed}, not installed here"
+        + (f" ({'; '.join(notes)})" if notes else "")
+        + f": pip install {' '.join(PIP_NAMES.get(name, name) for name in names)}"
+    )
+
+
+def recbole_model_source(name: str) -> Optional[Path]:
+    """The file that defines RecBole's built-in model ``name`` (``recbole/model/<submodule>/<name.lower()>.py``
+    with a class ``name``, where RecBole's ``get_model`` looks), found without importing it; None if RecBole
+    has no model of that name."""
+    import importlib.util
+
+    for submodule in _RECBOLE_MODEL_SUBMODULES:
+        spec = importlib.util.find_spec(f"recbole.model.{submodule}")  # imports recbole.model, not the package
+        for location in (spec.submodule_search_locations or ()) if spec else ():
+            path = Path(location) / f"{name.lower()}.py"
+            if path.is_file() and name in _source_facts(str(path))[0]:
+                return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _source_facts(path: str) -> Tuple[frozenset, Tuple[str, ...], Tuple[str, ...]]:
+    """(class names, modules imported at any depth, modules imported at module level) of a source file."""
+    import warnings
+
+    with warnings.catch_warnings():  # RecBole's docstrings hold invalid escapes ('\\p')
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+
+    def imported(nodes):
+        names = []
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.append(node.module)
+        return tuple(dict.fromkeys(names))
+
+    classes = frozenset(node.name for node in tree.body if isinstance(node, ast.ClassDef))
+    return classes, imported(ast.walk(tree)), imported(tree.body)
+
+
+def _required_imports(name: str) -> Dict[str, Optional[str]]:
+    """Top-level import names RecBole's model ``name`` needs, each with None (its own file imports it) or the
+    package that imports it for all its models."""
+    path = recbole_model_source(name)
+    if path is None:
+        return {}
+    needed: Dict[str, Optional[str]] = {}
+    for module in _source_facts(str(path))[1]:
+        needed.setdefault(module.split(".")[0], None)
+    package = f"recbole.model.{path.parent.name}"
+    init = path.parent / "__init__.py"
+    if init.is_file():  # what importing the package runs: its own imports and its modules' module-level ones
+        for module in _source_facts(str(init))[2]:
+            sibling = path.parent / (module.rpartition(".")[2] + ".py")
+            nested = _source_facts(str(sibling))[2] if module.startswith(package + ".") and sibling.is_file() else ()
+            for top in [module.split(".")[0], *(m.split(".")[0] for m in nested)]:
+                needed.setdefault(top, f"RecBole's {path.parent.name} package")
+    return needed
+
+
+def missing_packages(name: str, config=None) -> Tuple[str, ...]:
+    """Import names of the optional packages that RecBole's model ``name`` needs and that are not installed
+    (empty for a plugin model, an unknown name, or when nothing is missing). An import that only a setting's
+    value needs (``CONDITIONAL_IMPORTS``) counts only when ``config`` (a Config or dict) has that value."""
+    import importlib.util
+
+    if name in _plugin_models:
+        return ()
+    missing = []
+    for top in _required_imports(name):
+        if top == "recbole" or top in sys.modules or importlib.util.find_spec(top) is not None:
+            continue
+        conditional = CONDITIONAL_IMPORTS.get((name, top))
+        if conditional is not None:
+            setting, needs, _ = conditional
+            if config is None or setting not in config or not needs(config[setting]):
+                continue
+        missing.append(top)
+    return tuple(missing)
+
+
+def check_packages_for_settings(name: str, config) -> None:
+    """Raise ``MissingPackageError`` when ``config``'s settings make RecBole's model ``name`` import a
+    package that is not installed (``CONDITIONAL_IMPORTS``: NNCF's louvain neighbours, LDiffRec's clusters)."""
+    needed = [top for top in missing_packages(name, config) if (name, top) in CONDITIONAL_IMPORTS]
+    if needed:
+        wording = ", ".join(CONDITIONAL_IMPORTS[(name, top)][2] for top in needed)
+        raise MissingPackageError(name, needed, setting=wording)
+
+
+def _raise_if_missing_packages(model_name: str, error: Optional[BaseException] = None) -> None:
+    needed = missing_packages(model_name)
+    if (not needed and isinstance(error, ModuleNotFoundError) and error.name
+            and not error.name.startswith("recbole") and recbole_model_source(model_name) is not None):
+        needed = (error.name.split(".")[0],)  # an import the source scan could not see (a nested module's)
+    if needed:
+        via = {top: where for top, where in _required_imports(model_name).items() if where and top in needed}
+        raise MissingPackageError(model_name, needed, via=via) from error
+
+
+# ------------------------------------------------------------------ what a model exports and consumes
+# Tools that chain runs (vlm2rec-compare) go by these declarations, never by model names. A name stands for
+# an artefact: "item_embeddings" (per-modality catalog embeddings, <folder>/item_embeddings.<modality>.npy,
+# read through ``feature_prefix``), "discrete_item_features" (the item's token features, read through
+# ``selected_features``). A plugin model declares them as class attributes, ``exports`` and ``consumes``
+# (tuples of names); RecBole's built-ins cannot, so theirs are here.
+MODEL_INPUTS: Dict[str, Tuple[str, ...]] = {
+    # RecBole's feature-aware sequential models read the item features listed in ``selected_features``
+    "FDSA": ("discrete_item_features",),
+    "SASRecF": ("discrete_item_features",),
+}
+MODEL_OUTPUTS: Dict[str, Tuple[str, ...]] = {}
+
+
+def model_inputs(name: str) -> Tuple[str, ...]:
+    """What model ``name`` reads besides the interactions: its class's ``consumes``, else ``MODEL_INPUTS``."""
+    declared = getattr(_plugin_models.get(name), "consumes", None)
+    return tuple(declared) if declared is not None else MODEL_INPUTS.get(name, ())
+
+
+def model_outputs(name: str) -> Tuple[str, ...]:
+    """What a run of model ``name`` exports for other runs: its class's ``exports``, else ``MODEL_OUTPUTS``."""
+    declared = getattr(_plugin_models.get(name), "exports", None)
+    return tuple(declared) if declared is not None else MODEL_OUTPUTS.get(name, ())
 
 
 def _wrap_get_model(original):
@@ -168,9 +336,12 @@ def _wrap_get_model(original):
         if model_name in _plugin_models:
             return _plugin_models[model_name]
         try:
-            return original(model_name)
+            model_class = original(model_name)
         except (ValueError, ImportError, AttributeError) as error:
+            _raise_if_missing_packages(model_name, error)
             raise UnknownModelError(_unknown_model_message(model_name)) from error
+        _raise_if_missing_packages(model_name)  # imports fine, but a method every run calls needs a package
+        return model_class
 
     get_model.__doc__ = original.__doc__
     get_model.__wrapped__ = original

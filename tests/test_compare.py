@@ -1,20 +1,26 @@
-"""The ``vlm2rec-compare`` command on the tiny committed fixture (SASRec / GRU4Rec, one epoch).
+"""The ``vlm2rec-compare`` command on the tiny committed fixtures (SASRec / GRU4Rec, one epoch; VLM2Rec ->
+VLM2RecSASRec on the tiny multimodal dataset), and the declarations it goes by.
 
 The first comparison runs the real command in a subprocess; the others call ``compare.main`` in the test
 process (the runs themselves are always subprocesses, as in real use).
 """
+import ast
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import FIXTURES, REPO_ROOT
+from helpers import FIXTURES, REPO_ROOT, write_tiny_multimodal_dataset
 
 from recbole_vlm2rec import compare
+from recbole_vlm2rec.compare.plan import Plan, producers_first
+from recbole_vlm2rec.registry import available_models, model_inputs, model_outputs
 
 TINY = [f"--data_path={FIXTURES}", f"--config_files={FIXTURES / 'tiny-seq.yaml'}", "--epochs=1"]
 
@@ -141,3 +147,100 @@ def test_downstream_model_alone_looks_for_an_export_where_run_recbole_saves(tmp_
     error = json.loads((out / "runs" / "VLM2RecSASRec-seed2020" / "failed.json").read_text())["error"]
     assert "no VLM2Rec export of dataset 'tiny-seq'" in error and "checkpoint_dir='saved'" in error
     assert error in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------ declarations, order, hand-off
+def test_models_declare_what_they_export_and_read():
+    assert model_outputs("VLM2Rec") == ("item_embeddings",) and model_inputs("VLM2Rec") == ()
+    assert model_inputs("VLM2RecSASRec") == ("item_embeddings",) and model_outputs("VLM2RecSASRec") == ()
+    assert model_inputs("FDSA") == model_inputs("SASRecF") == ("discrete_item_features",)
+    assert model_inputs("SASRec") == model_outputs("SASRec") == ()
+    # producers run before their consumers; every other model keeps its place
+    assert producers_first(["VLM2RecSASRec", "SASRec", "VLM2Rec"]) == ["VLM2Rec", "VLM2RecSASRec", "SASRec"]
+    assert producers_first(["SASRec", "VLM2Rec", "VLM2RecSASRec"]) == ["SASRec", "VLM2Rec", "VLM2RecSASRec"]
+    assert producers_first(["VLM2RecSASRec", "FDSA"]) == ["VLM2RecSASRec", "FDSA"]
+
+
+def test_plan_hands_a_consumer_its_producers_export_of_the_same_seed(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("selected_features: [brand]\n")
+    plan = Plan("tiny-mm", ["VLM2RecSASRec", "VLM2Rec", "FDSA", "SASRecF"], [1, 2], tmp_path / "cmp",
+                model_configs={"SASRecF": [str(user)]})
+    assert plan.models[:2] == ["VLM2Rec", "VLM2RecSASRec"]
+    prefix = str(tmp_path / "export" / "item_embeddings")
+    records = {("VLM2Rec", 1): {"status": "ok", "run_id": "r1", "exports": {"item_embeddings": prefix}},
+               ("VLM2Rec", 2): {"status": "failed"}}
+    request, reason = plan.request("VLM2RecSASRec", 1, records)
+    assert reason is None and f"--feature_prefix={prefix}" in request["argv"]
+    assert request["fingerprint"]["upstream_run"] == "r1" and request["derive_inputs"] == []
+    request, reason = plan.request("VLM2RecSASRec", 2, records)
+    assert request is None and reason.startswith("needs the item embeddings of VLM2Rec seed 2, and it failed")
+    assert plan.request("FDSA", 1, records)[0]["derive_inputs"] == ["discrete_item_features"]
+    assert plan.request("SASRecF", 1, records)[0]["derive_inputs"] == []  # the user's own setting wins
+    alone = Plan("tiny-mm", ["VLM2RecSASRec"], [1], tmp_path / "cmp")
+    assert alone.request("VLM2RecSASRec", 1, {})[0]["derive_inputs"] == ["item_embeddings"]
+
+
+def test_vlm2rec_export_is_handed_to_vlm2recsasrec(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    small = tmp_path / "small-sasrec.yaml"
+    small.write_text("hidden_size: 16\ninner_size: 32\nn_layers: 1\nn_heads: 1\n")
+    out = tmp_path / "cmp"
+    args = ["--dataset=tiny-mm", "--models=VLM2RecSASRec,VLM2Rec", f"--out={out}", f"--data_path={data}",
+            f"--config_files={FIXTURES / 'vlm2rec-tiny.yaml'}", f"--model_config=VLM2RecSASRec={small}",
+            "--epochs=1"]
+    code = compare.main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    producer = json.loads((out / "runs" / "VLM2Rec-seed2020" / "result.json").read_text())
+    consumer_dir = out / "runs" / "VLM2RecSASRec-seed2020"
+    consumer = json.loads((consumer_dir / "result.json").read_text())
+    prefix = producer["exports"]["item_embeddings"]
+    assert Path(prefix).parent.parent == out / "runs" / "VLM2Rec-seed2020" / "saved"
+    assert Path(f"{prefix}.text.npy").is_file() and Path(f"{prefix}.image.npy").is_file()
+    # the consumer was given, and read, exactly that export
+    assert f"--feature_prefix={prefix}" in json.loads((consumer_dir / "request.json").read_text())["argv"]
+    assert consumer["feature_prefix"] == prefix
+    assert consumer["fingerprint"]["upstream_run"] == producer["run_id"]
+    log = (consumer_dir / "run.log").read_text()
+    assert re.search(rf"text features: {re.escape(prefix)}\.text\.npy", log), log[-3000:]
+    assert re.search(rf"image features: {re.escape(prefix)}\.image\.npy", log)
+    assert "best valid" in log and "test result" in log  # RecBole's result lines, as run_recbole logs them
+    assert {row["model"]: row["status"] for row in _csv(out / "results.csv")} == {"VLM2Rec": "ok",
+                                                                                  "VLM2RecSASRec": "ok"}
+    assert {row["model"] for row in _csv(out / "modality.csv")} == {"VLM2Rec"}
+    # again: both kept (the consumer's fingerprint names the same producer run)
+    assert compare.main(args) == 0
+    assert capsys.readouterr().out.count("skipped, finished before") == 2
+
+
+# ------------------------------------------------------------------------ no model named in the code
+def _code_strings(tree):
+    """(line, text) of every string constant that is neither a docstring nor argparse help text."""
+    excluded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                excluded.add(id(first.value))
+        if isinstance(node, ast.keyword) and node.arg in ("help", "description"):
+            excluded.update(id(sub) for sub in ast.walk(node.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in excluded:
+            yield node.lineno, node.value
+
+
+def test_compare_package_names_no_model_in_its_code():
+    import recbole_vlm2rec.compare as package
+
+    names = set(available_models()) | {"VLM2Rec", "VLM2RecSASRec", "FDSA", "SASRecF"}
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b")
+    modules = sorted(Path(package.__file__).parent.glob("*.py"))
+    assert {m.name for m in modules} >= {"cli.py", "plan.py", "supervise.py", "child.py", "reports.py"}
+    found = []
+    for module in modules:
+        for line, text in _code_strings(ast.parse(module.read_text(), str(module))):
+            if pattern.search(text):
+                found.append(f"{module.name}:{line}: {text!r}")
+    assert not found, found
