@@ -41,7 +41,7 @@ def prepare(root: str, source: str, max_users: int) -> str:
     import numpy as np
 
     from dataset_tools.sequences import convert_sequences
-    from recbole_vlm2rec.encoder.export import export_item_embeddings
+    from recbole_vlm2rec.item_embeddings import export_item_embeddings
 
     with open(source, encoding="utf-8") as handle:
         sequences = json.load(handle)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder, export_item_embeddings, load_item_embeddings
+from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
 from recbole_vlm2rec.fusion import fuse
+from recbole_vlm2rec.item_embeddings import export_item_embeddings, load_item_embeddings
 
 
 @pytest.fixture(scope="module")

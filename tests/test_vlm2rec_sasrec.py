@@ -13,7 +13,7 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender import SASRec
 from recbole.utils import init_seed
-from recbole_vlm2rec.encoder.export import export_item_embeddings
+from recbole_vlm2rec.item_embeddings import export_item_embeddings
 from recbole_vlm2rec.errors import ConfigError, DataError
 from recbole_vlm2rec.models.vlm2rec_sasrec import VLM2RecSASRec
 

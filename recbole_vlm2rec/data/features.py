@@ -1,9 +1,10 @@
 """Per-modality item feature arrays for downstream models (VLM2RecSASRec), aligned with RecBole's item ids.
 
-The arrays are VLM2Rec's export (``<prefix>.<modality>.npy`` + ``.json`` sidecar, see
-``recbole_vlm2rec.encoder.export``) or arrays a user brings in the same layout: a float ``[rows, dim]``
-``.npy`` and a sidecar holding at least ``{"item_tokens": [...]}``, the item token of each row. Rows are
-matched to the dataset by item token, so the file's order and extra items do not matter.
+The arrays are VLM2Rec's export (``<prefix>.<modality>.npy`` + ``.json`` sidecar; the format, its reader
+and the search for an export are ``recbole_vlm2rec.item_embeddings``) or arrays a user brings in the same
+layout: a float ``[rows, dim]`` ``.npy`` and a sidecar holding at least ``{"item_tokens": [...]}``, the item
+token of each row. Rows are matched to the dataset by item token, so the file's order and extra items do
+not matter. This module adds the alignment with RecBole's item ids and the errors a user can act on.
 
 Where the arrays come from (``feature_prefix``):
 
@@ -21,7 +22,6 @@ of the dataset that the file does not list is an error, or with ``missing_item_p
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 from logging import getLogger
@@ -30,13 +30,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from recbole_vlm2rec.errors import ConfigError, DataError
+from recbole_vlm2rec.item_embeddings import export_pattern, export_prefix, load_item_embeddings, newest_export
 
-EXPORT_STEM = "item_embeddings"
 MISSING_ITEM_POLICIES = ("error", "zero")
-PAD_TOKEN = "[PAD]"
 
 __all__ = [
-    "EXPORT_STEM",
     "MISSING_ITEM_POLICIES",
     "ItemFeatures",
     "resolve_feature_prefix",
@@ -65,21 +63,6 @@ class ItemFeatures:
         return int(self.array.shape[1])
 
 
-def _export_prefix(directory: str) -> str:
-    return os.path.join(directory, EXPORT_STEM)
-
-
-def _read_sidecar(npy_path: str) -> Optional[dict]:
-    json_path = npy_path[:-4] + ".json"
-    if not os.path.isfile(json_path):
-        return None
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"cannot read the feature sidecar {json_path}: {error}") from None
-
-
 def resolve_feature_prefix(
     feature_prefix: Optional[str],
     modalities: Sequence[str],
@@ -90,18 +73,18 @@ def resolve_feature_prefix(
     """The path prefix to read ``<prefix>.<modality>.npy`` from (see the module docstring)."""
     if feature_prefix is not None:
         prefix = str(feature_prefix)
-        return _export_prefix(prefix) if os.path.isdir(prefix) else prefix
+        return export_prefix(prefix) if os.path.isdir(prefix) else prefix
     first = modalities[0]
-    pattern = os.path.join(checkpoint_dir, "*", f"{EXPORT_STEM}.{first}.npy")
-    wanted = {str(t) for t in item_tokens if t != PAD_TOKEN}
-    for npy_path in sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True):
-        meta = _read_sidecar(npy_path) or {}
-        named = meta.get("dataset")
-        if named == dataset_name or (named is None and wanted <= set(map(str, meta.get("item_tokens") or ()))):
-            return npy_path[: -len(f".{first}.npy")]
+    try:
+        found = newest_export(checkpoint_dir, dataset_name, first, item_tokens)
+    except ValueError as error:  # an unreadable sidecar
+        raise DataError(str(error)) from None
+    if found is not None:
+        return found
     raise DataError(
         f"feature_prefix is not set and no VLM2Rec export of dataset {dataset_name!r} was found under "
-        f"checkpoint_dir={checkpoint_dir!r} (looked for {pattern}). Run VLM2Rec on this dataset first "
+        f"checkpoint_dir={checkpoint_dir!r} (looked for {export_pattern(checkpoint_dir, first)}). Run VLM2Rec on "
+        "this dataset first "
         f"(`run_recbole --model=VLM2Rec --dataset={dataset_name}`, it exports the item embeddings there), or set "
         "feature_prefix to the prefix of your own arrays (<prefix>.<modality>.npy + <prefix>.<modality>.json "
         'with {"item_tokens": [...]}).'
@@ -126,8 +109,6 @@ def _absent_rows(array: np.ndarray, meta: dict, npy_path: str) -> np.ndarray:
 
 
 def _load_one(prefix: str, modality: str, item_tokens: Sequence[str], missing_item_policy: str) -> ItemFeatures:
-    from recbole_vlm2rec.encoder.export import load_item_embeddings
-
     npy_path = f"{prefix}.{modality}.npy"
     if not os.path.isfile(npy_path):
         found = sorted(p[len(prefix) + 1 : -4] for p in glob.glob(glob.escape(prefix) + ".*.npy"))

@@ -3,12 +3,16 @@ VLM2RecSASRec
 ################################################
 
 A light sequential recommender on per-modality item features, typically VLM2Rec's exported item
-embeddings (DESIGN.md section 2.3): the VLM runs once over the catalog, then this model trains and serves
+embeddings (docs/design.md#vlm2recsasrec): the VLM runs once over the catalog, then this model trains and serves
 at SASRec's speed on any catalog size.
 
     item(i) = ID(i) (optional) + A^T(x^T_i) + A^V(x^V_i)      A^m = Linear + LayerNorm + dropout
     user    = SASRec's transformer encoder over the history's item vectors
     L       = L_rec + alpha * L_WPCL + lambda * L_CRTR
+
+It is RecBole's SASRec (a subclass, as UniSRec is): SASRec's layers, their initialisation and its
+``forward`` are used as they are. What it adds is the item table: :meth:`VLM2RecSASRec.item_representations`
+builds it from the branches, SASRec's forward reads the history's vectors from it and the scores use it.
 
 ``L_rec`` is cross-entropy over all items. ``L_WPCL`` and ``L_CRTR`` are VLM2Rec's own terms
 (``recbole_vlm2rec.losses.VLM2RecObjective``) on the modality branches: in-batch, each row's next item is
@@ -35,29 +39,30 @@ from __future__ import annotations
 
 import os
 from logging import getLogger
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call
 
-from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.model.layers import TransformerEncoder
+from recbole.model.sequential_recommender.sasrec import SASRec
 
+from recbole_vlm2rec.checks import non_negative
 from recbole_vlm2rec.data.features import ItemFeatures, load_item_features, modality_list, resolve_feature_prefix
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
 from recbole_vlm2rec.errors import ConfigError, DataError
-from recbole_vlm2rec.losses import MODALITIES, VLM2RecObjective
+from recbole_vlm2rec.fusion import MODALITIES
+from recbole_vlm2rec.losses import VLM2RecObjective
 
 ITEM_INITS = ("frozen", "finetune")
 
 
 def _non_negative(config, key: str) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
-    return float(value)
+    try:
+        return non_negative(key, config[key])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _principal_components(features: ItemFeatures, size: int) -> torch.Tensor:
@@ -76,27 +81,24 @@ def _principal_components(features: ItemFeatures, size: int) -> torch.Tensor:
     return table
 
 
-class VLM2RecSASRec(SequentialRecommender):
+class VLM2RecSASRec(SASRec):
     r"""SASRec over frozen (or feature-initialised) per-modality item features, with WPCL and CRTR on the
     modality branches. See the module docstring."""
 
-    def __init__(self, config, dataset):
-        super(VLM2RecSASRec, self).__init__(config, dataset)
+    consumes = ("item_embeddings",)  # read through feature_prefix (registry.model_inputs)
 
-        # load parameters info
-        self.n_layers = config["n_layers"]
-        self.n_heads = config["n_heads"]
-        self.hidden_size = config["hidden_size"]  # same as embedding_size
-        self.inner_size = config["inner_size"]  # the dimensionality in feed-forward layer
-        self.hidden_dropout_prob = config["hidden_dropout_prob"]
-        self.attn_dropout_prob = config["attn_dropout_prob"]
-        self.hidden_act = config["hidden_act"]
-        self.layer_norm_eps = config["layer_norm_eps"]
-        self.initializer_range = config["initializer_range"]
-        self.loss_type = config["loss_type"]
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)  # SASRec's settings, layers and initialisation
+        self._read_settings(config)
+        features = self._load_features(config, dataset) if self.modalities else {}
+        self._build_branches(config, features)
+        self._init_branches(features)
+
+    # ------------------------------------------------------------------------------------------ building
+    def _read_settings(self, config) -> None:
+        """Our keys, checked (SASRec has read its own)."""
         if self.loss_type != "CE":
             raise ConfigError(f"VLM2RecSASRec trains with loss_type: CE (over all items), got {self.loss_type!r}")
-
         self.modalities = modality_list(config["feature_modalities"], MODALITIES)
         self.use_id_embedding = bool(config["use_id_embedding"])
         if not self.modalities and not self.use_id_embedding:
@@ -113,73 +115,6 @@ class VLM2RecSASRec(SequentialRecommender):
         if self.adapter_dropout_prob >= 1:
             raise ConfigError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout_prob!r}")
         self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"]) and len(self.modalities) == 2
-
-        # define layers and loss (the first five as in SASRec, with the same names)
-        if self.use_id_embedding:
-            self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
-        self.trm_encoder = TransformerEncoder(
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            hidden_size=self.hidden_size,
-            inner_size=self.inner_size,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attn_dropout_prob=self.attn_dropout_prob,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
-        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=self.layer_norm_eps)
-        self.dropout = nn.Dropout(self.hidden_dropout_prob)
-        self.loss_fct = nn.CrossEntropyLoss()
-
-        features = self._load_features(config, dataset) if self.modalities else {}
-        self.feature_dims = {m: f.dim for m, f in features.items()}
-        for modality, feature in features.items():
-            # Presence masks: an item lacking a modality contributes nothing from that branch and is
-            # masked in the WPCL/CRTR terms. Derived from the files, so not saved in checkpoints.
-            self.register_buffer(f"present_{modality}", torch.from_numpy(feature.present), persistent=False)
-        if self.item_init == "frozen":
-            for modality, feature in features.items():
-                self.register_buffer(f"features_{modality}", torch.from_numpy(feature.array), persistent=False)
-            self.adapters = nn.ModuleDict(
-                {
-                    m: nn.Sequential(
-                        nn.Linear(f.dim, self.hidden_size), nn.LayerNorm(self.hidden_size, eps=self.layer_norm_eps)
-                    )
-                    for m, f in features.items()
-                }
-            )
-        else:
-            self.item_tables = nn.ModuleDict({m: nn.Embedding(self.n_items, self.hidden_size) for m in features})
-        self.adapter_dropout = nn.Dropout(self.adapter_dropout_prob)
-
-        if self.modalities:
-            try:
-                self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
-            except (TypeError, ValueError) as error:
-                raise ConfigError(f"VLM2RecSASRec loss settings: {error}") from None
-            if self.objective.relation != "item":
-                # There is one user encoder, so the text and image user vectors are the same vector and
-                # a user-side relation would compare a distribution with itself (always 0).
-                raise ConfigError(
-                    f"crtr_relation: {config['crtr_relation']!r} is not available in VLM2RecSASRec, whose users "
-                    "have one vector for both modalities; use crtr_relation: item"
-                )
-        self.diagnostics = ModalityDiagnostics()
-
-        # parameters initialization
-        self.apply(self._init_weights)
-        # The branches start on the scale of SASRec's item embeddings (std initializer_range), so that the
-        # first logits are near zero as in SASRec; with unit-scale branches (LayerNorm's default gain) the
-        # first CE on the test fixture was 4x log(n_items).
-        with torch.no_grad():
-            if self.item_init == "frozen":
-                for adapter in self.adapters.values():
-                    adapter[1].weight.fill_(self.initializer_range)
-            else:
-                for modality, feature in features.items():
-                    table = _principal_components(feature, self.hidden_size) * self.initializer_range
-                    self.item_tables[modality].weight.copy_(table)
 
     def _load_features(self, config, dataset) -> Dict[str, ItemFeatures]:
         item_tokens = dataset.field2id_token[self.ITEM_ID]
@@ -204,15 +139,59 @@ class VLM2RecSASRec(SequentialRecommender):
         )
         return features
 
-    def _init_weights(self, module):
-        """Initialize the weights"""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+    def _build_branches(self, config, features: Dict[str, ItemFeatures]) -> None:
+        """The modality branches (adapters over fixed features, or trainable tables) and the loss on them."""
+        if not self.use_id_embedding:
+            # SASRec's forward still embeds the history through item_embedding, which then keeps no table of
+            # its own: it is handed item_representations() (see _user_vectors)
+            self.item_embedding.weight = None
+        self.feature_dims = {m: f.dim for m, f in features.items()}
+        for modality, feature in features.items():
+            # Presence masks: an item lacking a modality contributes nothing from that branch and is
+            # masked in the WPCL/CRTR terms. Derived from the files, so not saved in checkpoints.
+            self.register_buffer(f"present_{modality}", torch.from_numpy(feature.present), persistent=False)
+        if self.item_init == "frozen":
+            for modality, feature in features.items():
+                self.register_buffer(f"features_{modality}", torch.from_numpy(feature.array), persistent=False)
+            self.adapters = nn.ModuleDict(
+                {
+                    m: nn.Sequential(
+                        nn.Linear(f.dim, self.hidden_size), nn.LayerNorm(self.hidden_size, eps=self.layer_norm_eps)
+                    )
+                    for m, f in features.items()
+                }
+            )
+        else:
+            self.item_tables = nn.ModuleDict({m: nn.Embedding(self.n_items, self.hidden_size) for m in features})
+        self.adapter_dropout = nn.Dropout(self.adapter_dropout_prob)
+        if self.modalities:
+            try:
+                self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"VLM2RecSASRec loss settings: {error}") from None
+            if self.objective.relation != "item":
+                # There is one user encoder, so the text and image user vectors are the same vector and
+                # a user-side relation would compare a distribution with itself (always 0).
+                raise ConfigError(
+                    f"crtr_relation: {config['crtr_relation']!r} is not available in VLM2RecSASRec, whose users "
+                    "have one vector for both modalities; use crtr_relation: item"
+                )
+        self.diagnostics = ModalityDiagnostics()
+
+    def _init_branches(self, features: Dict[str, ItemFeatures]) -> None:
+        """Adapters get SASRec's initialisation; tables the features' principal components. Either way the
+        branches start on the scale of SASRec's item embeddings (std initializer_range), so that the first
+        logits are near zero as in SASRec: with unit-scale branches (LayerNorm's default gain) the first CE on
+        the test fixture was 4x log(n_items)."""
+        with torch.no_grad():
+            if self.item_init == "frozen":
+                self.adapters.apply(self._init_weights)
+                for adapter in self.adapters.values():
+                    adapter[1].weight.fill_(self.initializer_range)
+            else:
+                for modality, feature in features.items():
+                    table = _principal_components(feature, self.hidden_size) * self.initializer_range
+                    self.item_tables[modality].weight.copy_(table)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # A checkpoint trained on features of another width would otherwise fail with torch's bare
@@ -228,7 +207,8 @@ class VLM2RecSASRec(SequentialRecommender):
                     )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def branch_tables(self) -> Dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------------------------- item vectors
+    def branch_tables(self) -> Dict[str, Tensor]:
         """Per modality, ``[n_items, hidden]`` item vectors (zero where the item lacks the modality)."""
         branches = {}
         for modality in self.modalities:
@@ -240,48 +220,43 @@ class VLM2RecSASRec(SequentialRecommender):
             branches[modality] = self.adapter_dropout(vectors) * present.unsqueeze(-1)
         return branches
 
-    def item_table(self, branches: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[n_items, hidden]``: ``ID(i) + sum_m A^m(x^m_i)``."""
-        parts = list(branches.values())
+    def item_representations(self, branches: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        """``[n_items, hidden]``: ``ID(i) + sum_m A^m(x^m_i)``, the item vectors the encoder reads and the scores
+        use. ``branches``: :meth:`branch_tables`, computed here when not given."""
+        parts = list((self.branch_tables() if branches is None else branches).values())
         if self.use_id_embedding:
             parts.insert(0, self.item_embedding.weight)
         return sum(parts[1:], parts[0])
 
-    def forward(self, item_seq, item_seq_len, item_table):
-        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
-        position_ids = position_ids.unsqueeze(0).expand_as(item_seq)
-        position_embedding = self.position_embedding(position_ids)
+    def _user_vectors(self, interaction, items: Tensor) -> Tensor:
+        """``[B, hidden]``: SASRec's forward over the histories, reading their item vectors from ``items``.
 
-        item_emb = F.embedding(item_seq, item_table, padding_idx=0)  # as SASRec's nn.Embedding(padding_idx=0)
-        input_emb = item_emb + position_embedding
-        input_emb = self.LayerNorm(input_emb)
-        input_emb = self.dropout(input_emb)
+        SASRec's forward embeds the history with ``self.item_embedding``; ``functional_call`` runs it with
+        ``items`` as that embedding's weight for this one call. So one table serves a whole step: the history
+        and the scores see the same vectors (and the same adapter-dropout sample), computed once.
+        """
+        inputs = (interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return functional_call(self, {"item_embedding.weight": items}, inputs)
 
-        extended_attention_mask = self.get_attention_mask(item_seq)
-
-        trm_output = self.trm_encoder(input_emb, extended_attention_mask, output_all_encoded_layers=True)
-        output = trm_output[-1]
-        output = self.gather_indexes(output, item_seq_len - 1)
-        return output  # [B H]
-
+    # ------------------------------------------------------------------------------ loss and scoring
     def calculate_loss(self, interaction):
-        item_seq = interaction[self.ITEM_SEQ]
-        item_seq_len = interaction[self.ITEM_SEQ_LEN]
         pos_items = interaction[self.POS_ITEM_ID]
         branches = self.branch_tables()
-        item_table = self.item_table(branches)
-        seq_output = self.forward(item_seq, item_seq_len, item_table)
-        logits = torch.matmul(seq_output, item_table.transpose(0, 1))
-        rec_loss = self.loss_fct(logits, pos_items)
+        items = self.item_representations(branches)
+        user = self._user_vectors(interaction, items)
+        rec_loss = self.loss_fct(torch.matmul(user, items.transpose(0, 1)), pos_items)
         if not branches:
             zero = rec_loss.new_zeros(())
             return rec_loss, zero, zero
-
         # The terms act on the modality branches only; the sequence encoder learns from L_rec and the user
         # vector is their fixed query. Letting their gradient into the encoder cost NDCG@10 on the demo
         # (3 epochs, alpha 0.1, lambda 0: 0.108 vs 0.129 detached; 0.147 without the terms), and with
         # wpcl_form: absolute it let WPCL fall to ~0 by turning the weak branch away from every user (0.033).
-        user = seq_output.detach()
+        wpcl, crtr = self._modality_terms(user.detach(), branches, pos_items)
+        return rec_loss, self.alpha * wpcl, self.lambda_ * crtr
+
+    def _modality_terms(self, user: Tensor, branches: Dict[str, Tensor], pos_items: Tensor) -> Tuple[Tensor, Tensor]:
+        """(WPCL, CRTR) of the positive items' branch vectors against ``user``; records the diagnostics."""
 
         def side(modality):
             return (user, branches[modality][pos_items]) if modality in branches else (None, None)
@@ -301,22 +276,13 @@ class VLM2RecSASRec(SequentialRecommender):
         self.diagnostics.update(
             loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio
         )
-        return rec_loss, self.alpha * out.wpcl, self.lambda_ * out.crtr
+        return out.wpcl, out.crtr
 
     def predict(self, interaction):
-        item_seq = interaction[self.ITEM_SEQ]
-        item_seq_len = interaction[self.ITEM_SEQ_LEN]
-        test_item = interaction[self.ITEM_ID]
-        item_table = self.item_table(self.branch_tables())
-        seq_output = self.forward(item_seq, item_seq_len, item_table)
-        test_item_emb = item_table[test_item]
-        scores = torch.mul(seq_output, test_item_emb).sum(dim=1)  # [B]
-        return scores
+        items = self.item_representations()
+        user = self._user_vectors(interaction, items)
+        return torch.mul(user, items[interaction[self.ITEM_ID]]).sum(dim=1)  # [B]
 
     def full_sort_predict(self, interaction):
-        item_seq = interaction[self.ITEM_SEQ]
-        item_seq_len = interaction[self.ITEM_SEQ_LEN]
-        item_table = self.item_table(self.branch_tables())
-        seq_output = self.forward(item_seq, item_seq_len, item_table)
-        scores = torch.matmul(seq_output, item_table.transpose(0, 1))  # [B n_items]
-        return scores
+        items = self.item_representations()
+        return torch.matmul(self._user_vectors(interaction, items), items.transpose(0, 1))  # [B n_items]
