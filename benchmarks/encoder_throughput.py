@@ -38,7 +38,7 @@ ARCHS = {
     "tiny": "tiny-qwen2-vl", "tiny_qwen2_5_vl": "tiny-qwen2.5-vl", "tiny_qwen3_vl": "tiny-qwen3-vl",
     "qwen2_vl_2b": "random-qwen2-vl-2b", "qwen2_5_vl_3b": "random-qwen2.5-vl-3b",
 }
-# Batch sizes and counts per device kind: the GPU ones are those of DESIGN.md section 5.
+# Batch sizes and counts per device kind: the GPU ones are those of docs/design.md#anchors-h200.
 SIZES = {
     "cuda": dict(items=128, users=16, pairs=32, catalog=512, iters=3, train_iters=2),
     "cpu": dict(items=16, users=4, pairs=8, catalog=48, iters=5, train_iters=2),
@@ -121,7 +121,8 @@ class Bench:
 def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
     """All sections for one architecture; returns the result dict (errors recorded per section)."""
     from recbole_vlm2rec.encoder.inputs import open_image
-    from recbole_vlm2rec.encoder.reference import plain_forward, plain_inputs
+    sys.path.insert(0, os.path.join(REPO, "tests"))  # the plain transformers path lives with the tests
+    from reference_forward import plain_forward, plain_inputs
 
     res = {"arch": arch, "sections": {}, "errors": {}}
     bench = Bench(device, sizes["iters"])
@@ -135,9 +136,9 @@ def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
                              backbone=backbone)
     n_params = sum(p.numel() for p in enc.parameters())
     res.update(params_B=n_params / 1e9, build_s=time.time() - t0, hidden=enc.hidden_size,
-               tokens_per_image=enc.images.tokens_per_image, dtype=str(dtype).replace("torch.", ""))
+               tokens_per_image=enc.image_preprocessor.tokens_per_image, dtype=str(dtype).replace("torch.", ""))
     print(f"\n== {arch} ({ARCHS[arch]}): {_params(n_params)} params, hidden {enc.hidden_size}, "
-          f"{args.image_size} px = {enc.images.tokens_per_image} visual tokens, built in {res['build_s']:.1f} s", flush=True)
+          f"{args.image_size} px = {enc.image_preprocessor.tokens_per_image} visual tokens, built in {res['build_s']:.1f} s", flush=True)
 
     texts, paths = make_catalog(workdir, sizes["catalog"], seed=0)
     rng = np.random.default_rng(1)
@@ -172,7 +173,7 @@ def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
                 "GB_per_10k_images": per_image * 1e4 / 1e9}
     section("vision_cache_warm", warm)
 
-    texts_t = enc.tokens.truncate(texts, enc.config.max_text_tokens)
+    texts_t = enc.prompt_tokenizer.truncate(texts, enc.config.max_text_tokens)
     item_idx = list(range(B))
     item_texts = [texts[i] for i in item_idx]
     item_paths = [paths[i] for i in item_idx]
@@ -190,7 +191,7 @@ def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
             out.update(plain_peak_GB=mem_plain, ours_peak_GB=mem_ours)
         return out
 
-    # -- item image + text in one prompt (internal fusion; the form of DESIGN.md's anchors) -------------
+    # -- item image + text in one prompt (internal fusion; the form of the anchors in docs/design.md#anchors-h200) -------------
     def item_interleaved():
         prompts = [enc.prompts.interleaved_item(texts_t[i], True) for i in item_idx]
         inputs = plain_inputs(enc, prompts, pils(item_idx))
@@ -198,7 +199,7 @@ def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
         out["tokens"] = inputs["input_ids"].shape[1]
         # The bound for any vision cache: the language model alone on ready inputs (tokens, visual tokens on the GPU).
         with torch.no_grad():
-            batch = enc.tokens.batch(enc.tokens.encode(prompts)).to(device)
+            batch = enc.prompt_tokenizer.batch(enc.prompt_tokenizer.encode(prompts)).to(device)
             visual = enc._visual(item_paths)[1]
             out["lm_only_items_per_s"] = B / bench.time(lambda: enc._forward(batch, visual))
         return out
@@ -219,7 +220,7 @@ def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
         h = hist[:U]
         ht = [[texts[i] for i in row] for row in h]
         hi = [[paths[i] for i in row] for row in h]
-        text_in = plain_inputs(enc, [enc.prompts.user_text(enc.tokens.truncate(t, enc.config.max_text_tokens)) for t in ht], [])
+        text_in = plain_inputs(enc, [enc.prompts.user_text(enc.prompt_tokenizer.truncate(t, enc.config.max_text_tokens)) for t in ht], [])
         image_in = plain_inputs(enc, [enc.prompts.user_image(10)] * U, pils([i for row in h for i in row]))
         out = compare(lambda: (plain_forward(enc, text_in), plain_forward(enc, image_in)),
                       lambda: enc.encode_users(ht, hi), U, unit="users")
@@ -267,9 +268,9 @@ def run_arch(arch, args, sizes, device, dtype, enc_mod, workdir):
             loss_step(users.fused(), items.fused())
 
         plain_parts = [
-            plain_inputs(lora_enc, [lora_enc.prompts.user_text(lora_enc.tokens.truncate(t, 64)) for t in ht], []),
+            plain_inputs(lora_enc, [lora_enc.prompts.user_text(lora_enc.prompt_tokenizer.truncate(t, 64)) for t in ht], []),
             plain_inputs(lora_enc, [lora_enc.prompts.user_image(10)] * P, pils([i for row in h for i in row])),
-            plain_inputs(lora_enc, [lora_enc.prompts.item_text(t) for t in lora_enc.tokens.truncate(it, 64)], []),
+            plain_inputs(lora_enc, [lora_enc.prompts.item_text(t) for t in lora_enc.prompt_tokenizer.truncate(it, 64)], []),
             plain_inputs(lora_enc, [lora_enc.prompts.item_image()] * P, pils(pos)),
         ]
 

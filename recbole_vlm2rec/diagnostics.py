@@ -1,4 +1,4 @@
-"""Modality-collapse diagnostics (DESIGN.md section 2.2, last item).
+"""Modality-collapse diagnostics (docs/design.md#diagnostics).
 
 :class:`ModalityDiagnostics` turns the per-step values of the objective (``L^T``, ``L^V``, the weak
 modality, the gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||``) into per-epoch means for the log, and
@@ -13,9 +13,9 @@ import math
 import numbers
 from typing import Dict, Mapping, Optional
 
-__all__ = ["ModalityDiagnostics", "modality_dropout_table"]
+from recbole_vlm2rec.fusion import MODALITIES as _MODALITIES
 
-_MODALITIES = ("text", "image")
+__all__ = ["ModalityDiagnostics", "modality_dropout_table"]
 
 
 def _mean(total: float, count: int) -> float:

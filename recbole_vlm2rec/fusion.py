@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+MODALITIES = ("text", "image")  # the two modalities of an item and a user, in this order everywhere
+
 
 def masked_normalize(x: Optional[Tensor], mask: Optional[Tensor]) -> Optional[Tensor]:
     """``normalize(x)`` in float32 with the rows where ``mask`` is False set to zero; ``None`` stays ``None``."""

@@ -23,6 +23,9 @@ What is checked:
   ``ValueError``/``TypeError`` becomes a ``ConfigError``.
 
 Messages follow the package's convention, ``<key> must be <what is allowed>, got <value>``.
+
+Why one module of ~430 lines: it is declarative tables of rules plus the few checks that span keys
+(``eval_args``, ``metrics``/``valid_metric``); one place to look for what a key accepts.
 """
 from __future__ import annotations
 
@@ -154,14 +157,15 @@ def _model_rules() -> Dict[str, Dict[str, Rule]]:
     Choices come from the modules that use them."""
     from recbole_vlm2rec.data.dataset import TEXT_FIELDS
     from recbole_vlm2rec.data.features import MISSING_ITEM_POLICIES
-    from recbole_vlm2rec.models.vlm2rec import FUSIONS, MODALITIES
+    from recbole_vlm2rec.fusion import MODALITIES
+    from recbole_vlm2rec.models.vlm2rec import FUSIONS
     from recbole_vlm2rec.models.vlm2rec_sasrec import ITEM_INITS
 
     vlm2rec = {
         "max_history_items": integer(1),
         "fusion": choice(*FUSIONS),
         "modalities": optional(names(MODALITIES, single=True)),  # ~ or [] = every modality
-        "item_text_fields": optional(names(TEXT_FIELDS)),  # ~ = title, brand, categories
+        "item_text_fields": names(TEXT_FIELDS),
         "item_encode_batch_size": integer(1),
         "user_encode_batch_size": integer(1),
         "grad_norm_diagnostics": BOOLEAN,
@@ -264,7 +268,7 @@ def _loss_errors(values: Mapping, model: str) -> Dict[str, str]:
 
 def _feature_modalities_errors(values: Mapping) -> Dict[str, str]:
     from recbole_vlm2rec.data.features import modality_list
-    from recbole_vlm2rec.losses import MODALITIES
+    from recbole_vlm2rec.fusion import MODALITIES
 
     if "feature_modalities" not in values:
         return {}

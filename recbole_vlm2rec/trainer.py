@@ -88,14 +88,36 @@ class VLM2RecTrainer(ModalityDiagnosticsTrainer):
         ):
             return result
         results = {"fused": dict(result)}
-        try:
-            for mode in ("text", "image"):
-                model.score_mode = mode
-                results[f"{mode}-only"] = dict(super().evaluate(eval_data, False, None, show_progress))
-        finally:
-            model.score_mode = "fused"
+        for mode in ("text", "image"):
+            results[f"{mode}-only"] = self._evaluate_scored_as(mode, eval_data, show_progress)
         self.modality_results = results
         self.logger.info(
             set_color("modality dropout (same users, same catalog)", "yellow") + "\n" + modality_dropout_table(results)
         )
         return result
+
+    def _evaluate_scored_as(self, score_mode: str, eval_data, show_progress: bool) -> dict:
+        """RecBole's evaluation of the current weights with ``score_mode`` passed to the model's predict and
+        full_sort_predict (RecBole's trainer calls them with the interaction alone)."""
+        model = self.model
+        self.model = _ScoredAs(model, score_mode)
+        try:
+            return dict(super().evaluate(eval_data, False, None, show_progress))
+        finally:
+            self.model = model
+
+
+class _ScoredAs:
+    """The model as RecBole's evaluation loop sees it, with ``score_mode`` bound into its scoring methods."""
+
+    def __init__(self, model, score_mode: str):
+        self._model, self._score_mode = model, score_mode
+
+    def predict(self, interaction):
+        return self._model.predict(interaction, score_mode=self._score_mode)
+
+    def full_sort_predict(self, interaction):
+        return self._model.full_sort_predict(interaction, score_mode=self._score_mode)
+
+    def __getattr__(self, name):  # everything else (eval(), device, ...) is the model's
+        return getattr(self._model, name)

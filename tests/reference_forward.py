@@ -20,14 +20,14 @@ def plain_inputs(encoder, prompts: Sequence[str], images: Sequence, device=None)
     ``images`` are the PIL images of all image placeholders of all prompts, in order.
     """
     device = device or encoder.device
-    batch = encoder.tokens.batch(encoder.tokens.encode(list(prompts)))
+    batch = encoder.prompt_tokenizer.batch(encoder.prompt_tokenizer.encode(list(prompts)))
     inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
     if images:
-        inputs["pixel_values"] = encoder.images(list(images)).to(device, encoder.dtype)
-        inputs["image_grid_thw"] = encoder.images.grid_thw(len(images)).to(device)
+        inputs["pixel_values"] = encoder.image_preprocessor(list(images)).to(device, encoder.dtype)
+        inputs["image_grid_thw"] = encoder.image_preprocessor.grid_thw(len(images)).to(device)
     # transformers 5 takes the modality of each token to place the rotary positions; 4.x finds image tokens itself.
     if "mm_token_type_ids" in inspect.signature(encoder.base_model.forward).parameters:
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == encoder.tokens.image_token_id).int()
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == encoder.prompt_tokenizer.image_token_id).int()
     return inputs
 
 

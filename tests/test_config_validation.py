@@ -219,17 +219,17 @@ def _write(path, text):
 
 def test_near_miss_of_the_selected_models_key_is_warned(capsys):
     # `lamda` is a setting of other RecBole models, so it used to count as known for VLM2Rec too
-    cli._warn_unknown_keys([], ["--lamda=0.5", "--lambda=0.5", "--hidden_size=64", "--epochs=1"], "VLM2Rec")
+    cli.warn_unknown_keys([], ["--lamda=0.5", "--lambda=0.5", "--hidden_size=64", "--epochs=1"], "VLM2Rec")
     err = capsys.readouterr().err
     assert "'lamda'" in err and "not a setting of VLM2Rec" in err and "did you mean 'lambda'?" in err
     assert "hidden_size" not in err and "'lambda' in" not in err and "epochs" not in err
-    cli._warn_unknown_keys([], ["--lamda=0.5"], "SASRec")  # not a near miss of SASRec's keys: as before
+    cli.warn_unknown_keys([], ["--lamda=0.5"], "SASRec")  # not a near miss of SASRec's keys: as before
     assert capsys.readouterr().err == ""
 
 
 def test_unknown_keys_prefer_the_selected_models_keys(tmp_path, capsys):
     typo = _write(tmp_path / "typo.yaml", "wpcl_fomr: absolute\n")
-    cli._warn_unknown_keys([typo], ["--learing_rate=0.01"], "VLM2Rec")
+    cli.warn_unknown_keys([typo], ["--learing_rate=0.01"], "VLM2Rec")
     err = capsys.readouterr().err
     assert f"unknown key 'wpcl_fomr' in {typo} (did you mean 'wpcl_form'?)" in err
     assert "unknown key 'learing_rate' in the command line (did you mean 'learning_rate'?)" in err

@@ -49,7 +49,7 @@ def test_encoder_cache_is_keyed_by_image_size_backbone_and_file(tmp_path):
     stats = enc.warm_vision_cache([img, img, None, str(tmp_path / "gone.png")], batch_size=2, progress=False)
     assert stats == dict(images=4, cached_before=0, computed=1, missing=1, unreadable=0, no_image=1)
     cache = enc.vision_cache
-    assert len(cache) == 1 and cache.nbytes == enc.images.tokens_per_image * enc.hidden_size * 2  # bf16
+    assert len(cache) == 1 and cache.nbytes == enc.image_preprocessor.tokens_per_image * enc.hidden_size * 2  # bf16
     assert enc.warm_vision_cache([img], progress=False)["cached_before"] == 1
 
     assert _enc(tmp_path, image_size=112).vision_cache.directory != cache.directory

@@ -9,7 +9,7 @@ from PIL import Image
 
 from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
 from recbole_vlm2rec.encoder.inputs import open_image, rope_positions
-from recbole_vlm2rec.encoder.reference import plain_forward, plain_inputs
+from reference_forward import plain_forward, plain_inputs
 
 FAMILIES = [("tiny-qwen2-vl", 56), ("tiny-qwen2.5-vl", 56), ("tiny-qwen3-vl", 64)]
 TEXTS = ["Red matte lipstick, 3 pack", "", "Blue running shoe for men with a breathable mesh upper " * 3,
@@ -46,7 +46,7 @@ def test_embeddings_equal_plain_forward(name, size, image_paths, tmp_path):
         enc = _encoder(name, size, tmp_path, vision_cache=cache)
         images = [image_paths[0], None, image_paths[1], image_paths[2]]
         items = enc.encode_items(TEXTS, images)
-        texts = enc.tokens.truncate(TEXTS, 24)
+        texts = enc.prompt_tokenizer.truncate(TEXTS, 24)
 
         # Text prompts one by one (unpadded) and as one left-padded batch.
         for i, t in enumerate(texts):
@@ -91,15 +91,15 @@ def test_rope_positions_match_the_models_rope_index(name, size, image_paths, tmp
     enc = _encoder(name, size, tmp_path)
     prompts = [enc.prompts.user_image(3), enc.prompts.item_text("short"),
                enc.prompts.interleaved_user(["x", "y"], [True, False])]
-    batch = enc.tokens.batch(enc.tokens.encode(prompts))
-    kwargs = dict(image_grid_thw=enc.images.grid_thw(4), attention_mask=batch.attention_mask)
+    batch = enc.prompt_tokenizer.batch(enc.prompt_tokenizer.encode(prompts))
+    kwargs = dict(image_grid_thw=enc.image_preprocessor.grid_thw(4), attention_mask=batch.attention_mask)
     if "mm_token_type_ids" in inspect.signature(enc.base_model.get_rope_index).parameters:  # transformers 5
-        kwargs["mm_token_type_ids"] = (batch.input_ids == enc.tokens.image_token_id).int()
+        kwargs["mm_token_type_ids"] = (batch.input_ids == enc.prompt_tokenizer.image_token_id).int()
     ref, _ = enc.base_model.get_rope_index(batch.input_ids, **kwargs)
     valid = batch.attention_mask.bool()
     assert torch.equal(batch.position_ids[:, valid], ref[:, valid])
-    ours = rope_positions(batch.input_ids, batch.attention_mask, enc.tokens.image_token_id,
-                          enc.images.tokens_per_image, enc.images.merged_side)
+    ours = rope_positions(batch.input_ids, batch.attention_mask, enc.prompt_tokenizer.image_token_id,
+                          enc.image_preprocessor.tokens_per_image, enc.image_preprocessor.merged_side)
     assert torch.equal(ours, batch.position_ids)
 
 

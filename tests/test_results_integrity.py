@@ -14,7 +14,7 @@ from helpers import FIXTURES, REPO_ROOT, write_tiny_multimodal_dataset
 from recbole.quick_start import run_recbole
 
 from recbole_vlm2rec.compat import CorruptCheckpointError, load_checkpoint
-from recbole_vlm2rec.encoder import load_item_embeddings
+from recbole_vlm2rec.item_embeddings import load_item_embeddings
 
 VLM2REC_YAML = str(FIXTURES / "vlm2rec-tiny.yaml")
 TINY_SEQ_YAML = str(FIXTURES / "tiny-seq.yaml")

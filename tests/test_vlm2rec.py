@@ -48,7 +48,7 @@ def test_full_and_sampled_evaluation_report_metrics(tmp_path):
 
 
 def test_checkpoint_reloads_and_embeddings_are_exported(tmp_path):
-    from recbole_vlm2rec.encoder import load_item_embeddings
+    from recbole_vlm2rec.item_embeddings import load_item_embeddings
 
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
@@ -113,18 +113,26 @@ def test_all_images_missing_in_a_batch_skips_image_terms(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_dataset_without_images_runs_text_only(tmp_path, caplog):
-    data = tmp_path / "data"
-    write_tiny_multimodal_dataset(data, with_images=False)
-    result = _run(data, epochs=1)
-    assert np.isfinite(result["test_result"]["ndcg@10"])
+def _exported(tmp_path):
+    """The run's export: {modality: array} of every item_embeddings.<modality>.npy written."""
+    from recbole_vlm2rec.item_embeddings import load_item_embeddings
+
+    [checkpoint] = glob.glob(str(tmp_path / "saved" / "VLM2Rec-*.pth"))
+    files = glob.glob(os.path.join(checkpoint[:-4], "item_embeddings.*.npy"))
+    return {os.path.basename(f).split(".")[1]: load_item_embeddings(f)[0] for f in files}
 
 
-def test_dataset_without_text_runs_image_only(tmp_path):
+@pytest.mark.parametrize("missing, present", [("image", "text"), ("text", "image")])
+def test_dataset_without_one_modality_trains_on_the_other(tmp_path, missing, present):
     data = tmp_path / "data"
-    write_tiny_multimodal_dataset(data, with_text=False)
+    write_tiny_multimodal_dataset(data, with_images=missing != "image", with_text=missing != "text")
     result = _run(data, epochs=1)
-    assert np.isfinite(result["test_result"]["ndcg@10"])
+    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    arrays = _exported(tmp_path)
+    assert sorted(arrays) == sorted(["fused", present])  # nothing exported for the absent modality
+    # fused is the present modality alone: normalize(normalize(x) + 0) == normalize(x)
+    np.testing.assert_allclose(arrays["fused"], arrays[present], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(arrays["fused"], axis=1), 1.0, atol=1e-5)
 
 
 def test_dataset_without_sidecar_is_a_clear_error(tmp_path):
@@ -139,7 +147,10 @@ def test_internal_fusion_trains(tmp_path):
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
     result = _run(data, epochs=1, fusion="internal")
-    assert np.isfinite(result["test_result"]["ndcg@10"])
+    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    arrays = _exported(tmp_path)
+    assert list(arrays) == ["fused"]  # one interleaved embedding per item, no per-modality branches
+    np.testing.assert_allclose(np.linalg.norm(arrays["fused"], axis=1), 1.0, atol=1e-5)
 
 
 def test_cli_prints_metrics_and_modality_dropout_table(tmp_path):

@@ -16,9 +16,11 @@ from typing import List, Optional, Sequence
 
 from recbole.data.dataset import SequentialDataset
 
+from dataset_tools.atomic import SIDECAR_FIELDS
 from recbole_vlm2rec.errors import DataError
 
-TEXT_FIELDS = ("title", "brand", "categories", "description")
+# the text fields of the sidecar (dataset_tools/atomic.py writes and reads it) that prompts can be built from
+TEXT_FIELDS = tuple(field for field in SIDECAR_FIELDS if field != "item_id")
 
 
 def compose_item_text(record: dict, fields: Sequence[str], max_chars: int = 2000) -> str:
@@ -51,7 +53,9 @@ class VLM2RecDataset(SequentialDataset):
         from dataset_tools.atomic import SidecarError, read_item_sidecar
 
         logger = getLogger()
-        fields = list(self.config["item_text_fields"] or ["title", "brand", "categories"])
+        fields = list(self.config["item_text_fields"] or ())  # default: properties/model/VLM2Rec.yaml
+        if not fields:
+            raise DataError(f"item_text_fields is empty; choose some of {list(TEXT_FIELDS)}")
         unknown = [f for f in fields if f not in TEXT_FIELDS]
         if unknown:
             raise DataError(f"item_text_fields: unknown field(s) {unknown}; choose from {list(TEXT_FIELDS)}")

@@ -1,4 +1,4 @@
-"""`VLMEncoder`: a Qwen-VL backbone turned into an item and user embedder (VLM2Rec, DESIGN.md 2.1, 2.4).
+"""`VLMEncoder`: a Qwen-VL backbone turned into an item and user embedder (VLM2Rec, docs/design.md#encoder).
 
 An embedding is the final hidden state of a prompt's last real token (prompts are left-padded, so that
 is the last column), L2-normalised. External fusion encodes text and image with separate prompts
@@ -10,6 +10,10 @@ the cache is off or the vision tower trains, from ``get_image_features``); they 
 positions of the token embeddings (``masked_scatter``); the multimodal rotary positions come from
 ``inputs.rope_positions``; and the language model runs on these ``inputs_embeds``. That is what the
 transformers forward does inside, so both give the same embeddings (tests check it per family).
+
+Why one module of ~490 lines: it is one class whose parts share its state (backbone, prompt tokenizer,
+image preprocessor, vision cache, image statistics); the stateless pieces live beside it (``catalog.py``,
+``inputs.py``, ``prompts.py``, ``vision_cache.py``, ``lora.py``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from . import lora as lora_utils
 from recbole_vlm2rec.fusion import fuse
 
 from .catalog import catalog_digest, check_catalog, encode_in_length_order
-from .backbone import Backbone, image_features, load_backbone, transformers_major, vision_fingerprint
+from .backbone import Backbone, image_features, transformers_major, vision_fingerprint
+from .loading import load_backbone
 from .config import EncoderConfig
 from .inputs import ImagePreprocessor, PromptTokenizer, TokenBatch, image_key, open_image
 from .prompts import PromptBuilder
@@ -76,10 +81,10 @@ class VLMEncoder(torch.nn.Module):
         self.family = backbone.family
         self.name_or_path = backbone.name_or_path
         self.processor = backbone.processor
-        self.images = ImagePreprocessor(self.processor, config.image_size)
-        self.tokens = PromptTokenizer(self.processor.tokenizer, backbone.model.config,
-                                      self.images.tokens_per_image, self.images.merged_side)
-        self.prompts = PromptBuilder(self.tokens.image_placeholder(), config.prompt_templates)
+        self.image_preprocessor = ImagePreprocessor(self.processor, config.image_size)
+        self.prompt_tokenizer = PromptTokenizer(self.processor.tokenizer, backbone.model.config,
+                                      self.image_preprocessor.tokens_per_image, self.image_preprocessor.merged_side)
+        self.prompts = PromptBuilder(self.prompt_tokenizer.image_placeholder(), config.prompt_templates)
         base = backbone.model.model
         self.vlm = lora_utils.setup_trainable(backbone.model, base, config)
         self.adapter_source: Optional[str] = None  # directory of the last loaded adapter
@@ -126,7 +131,7 @@ class VLMEncoder(torch.nn.Module):
             deepstack = len(getattr(base.visual.config, "deepstack_visual_indexes", None) or ())
             self._vision_cache = VisionCache(
                 self._cache_root, vision_fingerprint(base, self.processor, self.config.image_size, self.family),
-                self.config.image_size, self.images.tokens_per_image, self.hidden_size, 1 + deepstack,
+                self.config.image_size, self.image_preprocessor.tokens_per_image, self.hidden_size, 1 + deepstack,
                 self.config.vision_cache_dtype,
             )
         return self._vision_cache
@@ -151,7 +156,7 @@ class VLMEncoder(torch.nn.Module):
     def encode_items(self, texts: Sequence[str], images: Sequence) -> ModalityEmbeddings:
         """Text branch from the ``item_text`` prompt, image branch from the ``item_image`` prompt."""
         _same_length("encode_items", texts, images)
-        texts = self.tokens.truncate(texts, self.config.max_text_tokens)
+        texts = self.prompt_tokenizer.truncate(texts, self.config.max_text_tokens)
         # An item without text has no text embedding (masked, zero row), not the embedding of an empty prompt.
         text_rows = [i for i, t in enumerate(texts) if _has_text(t)]
         text = self._encode([self.prompts.item_text(texts[i]) for i in text_rows], cache=True) if text_rows else None
@@ -165,7 +170,7 @@ class VLMEncoder(torch.nn.Module):
         ``user_image`` prompt with the usable images of the history (a user with none is masked)."""
         _same_length("encode_users", history_texts, history_images)
         text_rows = [u for u, h in enumerate(history_texts) if any(_has_text(t) for t in h)]
-        text = self._encode([self.prompts.user_text(self.tokens.truncate(history_texts[u], self.config.max_text_tokens))
+        text = self._encode([self.prompts.user_text(self.prompt_tokenizer.truncate(history_texts[u], self.config.max_text_tokens))
                              for u in text_rows]) if text_rows else None
         flat = [img for hist in history_images for img in hist]
         usable, visual = self._visual(flat)
@@ -180,7 +185,7 @@ class VLMEncoder(torch.nn.Module):
     def encode_interleaved_items(self, texts: Sequence[str], images: Sequence) -> torch.Tensor:
         """Internal fusion: one ``interleaved_item`` prompt per item (image, if usable, then text) -> ``[B, D]``."""
         _same_length("encode_interleaved_items", texts, images)
-        texts = self.tokens.truncate(texts, self.config.max_text_tokens)
+        texts = self.prompt_tokenizer.truncate(texts, self.config.max_text_tokens)
         usable, visual = self._visual(list(images))
         return self._encode([self.prompts.interleaved_item(t, ok) for t, ok in zip(texts, usable)], visual, cache=True)
 
@@ -195,7 +200,7 @@ class VLMEncoder(torch.nn.Module):
         usable, visual = self._visual([img for hist in history_images for img in hist])
         prompts, pos = [], 0
         for hist in history_texts:
-            texts = self.tokens.truncate(hist, self.config.max_text_tokens)
+            texts = self.prompt_tokenizer.truncate(hist, self.config.max_text_tokens)
             prompts.append(self.prompts.interleaved_user(texts, usable[pos:pos + len(hist)]))
             pos += len(hist)
         return self._encode(prompts, visual)
@@ -329,7 +334,7 @@ class VLMEncoder(torch.nn.Module):
         return full, mask
 
     def _encode(self, prompts: List[str], visual=None, cache: bool = False) -> torch.Tensor:
-        batch = self.tokens.batch(self.tokens.encode(prompts, cache=cache)).to(self.device)
+        batch = self.prompt_tokenizer.batch(self.prompt_tokenizer.encode(prompts, cache=cache)).to(self.device)
         return self._forward(batch, visual)
 
     def _forward(self, batch: TokenBatch, visual) -> torch.Tensor:
@@ -339,9 +344,9 @@ class VLMEncoder(torch.nn.Module):
         kwargs = {}
         if batch.num_images:
             tokens, deepstack = visual
-            if tokens.shape[0] != batch.num_images * self.images.tokens_per_image:
+            if tokens.shape[0] != batch.num_images * self.image_preprocessor.tokens_per_image:
                 raise RuntimeError(f"{batch.num_images} images in the prompts but {tokens.shape[0]} visual tokens")
-            image_positions = batch.input_ids == self.tokens.image_token_id
+            image_positions = batch.input_ids == self.prompt_tokenizer.image_token_id
             embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), tokens.to(embeds.dtype))
             if deepstack:  # Qwen3-VL adds features of inner vision layers to the first decoder layers
                 kwargs = dict(visual_pos_masks=image_positions,
@@ -396,7 +401,7 @@ class VLMEncoder(torch.nn.Module):
 
     def _vision_forward(self, pixels: torch.Tensor, n_images: int):
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-        grid = self.images.grid_thw(n_images).to(self.device, non_blocking=True)
+        grid = self.image_preprocessor.grid_thw(n_images).to(self.device, non_blocking=True)
         return image_features(self.base_model, self.family, pixels, grid)
 
     def _prepare_images(self, images: list):
@@ -409,7 +414,7 @@ class VLMEncoder(torch.nn.Module):
         good = [img for img, _ in loaded if img is not None]
         if not good:
             return loaded, None
-        pixels = self.images(good)
+        pixels = self.image_preprocessor(good)
         return loaded, pixels.pin_memory() if self.device.type == "cuda" else pixels
 
     def _load_images(self, images: list) -> list:
@@ -432,7 +437,7 @@ class VLMEncoder(torch.nn.Module):
             self.base_model.visual.eval()
             tokens, deepstack = self._vision_forward(pixels, len(good))
             self.base_model.visual.train(was_training)
-            n, t = len(good), self.images.tokens_per_image
+            n, t = len(good), self.image_preprocessor.tokens_per_image
             values = torch.stack([tokens.reshape(n, t, -1)] + [d.reshape(n, t, -1) for d in deepstack], dim=1)
             self.vision_cache.put(good, values)
         return len(good), failures

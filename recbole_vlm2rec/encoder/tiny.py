@@ -6,7 +6,7 @@ by seed) and an offline byte-level BPE tokenizer trained on a fixed corpus that 
 tokens (``<|vision_start|>``, ``<|image_pad|>`` ...). The model config's token ids point at that
 tokenizer's ids, so prompts, image-token expansion and the model agree exactly as with a real checkpoint.
 A built backbone can be written with ``save_pretrained`` and loaded again by path through the same code
-path as a downloaded checkpoint (``encoder.backbone.load_backbone``).
+path as a downloaded checkpoint (``encoder.loading.load_backbone``).
 
 Names usable as ``vlm_name_or_path``:
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from .backbone import VLMProcessor, canonical_family, default_image_stats, family_classes, transformers_major
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -150,7 +152,6 @@ BUILTIN_BACKBONES = {
 
 def builtin_config(family: str, size: str, tokenizer=None):
     """The transformers config of a built-in backbone (token ids taken from the tiny tokenizer)."""
-    from .backbone import family_classes, transformers_major
 
     if (family, size) not in _SHAPES:
         raise ValueError(f"no built-in backbone of family {family!r} and size {size!r}; known: {sorted(_SHAPES)}")
@@ -179,7 +180,6 @@ def build_tiny_backbone(family: str = "qwen2_vl", seed: int = 0, *, size: str = 
     (tokenizer + image settings). Same family and seed give the same weights; the global random state
     is left untouched.
     """
-    from .backbone import VLMProcessor, canonical_family, default_image_stats, family_classes
 
     family = canonical_family(family)
     tokenizer = build_tiny_tokenizer()

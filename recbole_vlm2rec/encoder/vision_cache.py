@@ -1,7 +1,7 @@
 """Frozen-vision cache: each image's merged visual tokens, computed once, memory-mapped from disk.
 
 With the vision tower frozen (the default: LoRA on the language model only) an image's visual tokens
-never change, and computing them is most of the cost of an image prompt (DESIGN.md section 5). The
+never change, and computing them is most of the cost of an image prompt (docs/design.md#anchors-h200). The
 encoder computes them once in batches, stores them here in bf16/fp16, and splices them into the
 language model's input embeddings.
 

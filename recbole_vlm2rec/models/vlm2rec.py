@@ -4,15 +4,16 @@ A user is the last ``max_history_items`` items of their sequence, an item is its
 encoded by the same VLM (``recbole_vlm2rec.encoder``). With external fusion (the default) text and image are
 prompted separately and the two L2-normalised embeddings are summed and normalised again; with internal
 fusion one interleaved prompt gives one embedding. Training is in-batch contrastive: each row's next item is
-its positive, the other rows' next items its negatives (DESIGN.md section 2):
+its positive, the other rows' next items its negatives (docs/design.md#objective):
 
     L = L_WPCL + lambda * L_CRTR        (``calculate_loss`` returns both terms; RecBole logs each)
 
 ``beta: 0`` and ``lambda: 0`` give plain contrastive fine-tuning, the baseline that collapses one modality.
 
 Evaluation scores users against the catalog embeddings, computed once per evaluation (the encoder keeps
-them until its weights change: any optimizer step, ``load_state_dict`` or ``train()``). ``score_mode`` picks fused (default), text-only or
-image-only scores: the modality-dropout test that exposes collapse (``VLM2RecTrainer`` runs it).
+them until its weights change: any optimizer step, ``load_state_dict`` or ``train()``). The ``score_mode``
+argument of ``predict`` / ``full_sort_predict`` picks fused (default), text-only or image-only scores: the
+modality-dropout test that exposes collapse (``VLM2RecTrainer`` runs it).
 """
 from __future__ import annotations
 
@@ -25,25 +26,19 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_vlm2rec.checks import choice
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
-from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
 from recbole_vlm2rec.errors import ConfigError
+from recbole_vlm2rec.fusion import MODALITIES
 from recbole_vlm2rec.losses import InfoNCELoss, VLM2RecObjective
 
 FUSIONS = ("external", "internal")
-SCORE_MODES = ("fused", "text", "image")
-MODALITIES = ("text", "image")
-
-
-def _choice(config, key: str, choices) -> str:
-    value = config[key]
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    return value
+SCORE_MODES = ("fused",) + MODALITIES  # what predict / full_sort_predict score with (modality dropout)
 
 
 class VLM2Rec(SequentialRecommender):
     input_type = InputType.POINTWISE
+    exports = ("item_embeddings",)  # VLM2RecTrainer writes them after fit (registry.model_outputs)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -51,7 +46,10 @@ class VLM2Rec(SequentialRecommender):
         self.max_history_items = int(config["max_history_items"])
         if self.max_history_items < 1:
             raise ConfigError(f"max_history_items must be >= 1, got {self.max_history_items}")
-        self.fusion = _choice(config, "fusion", FUSIONS)
+        try:
+            self.fusion = choice("fusion", config["fusion"], FUSIONS)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.lambda_ = float(config["lambda"])
         self.item_encode_batch_size = int(config["item_encode_batch_size"])
         self.user_encode_batch_size = int(config["user_encode_batch_size"])
@@ -84,6 +82,10 @@ class VLM2Rec(SequentialRecommender):
         if not self.use_text:
             self.item_texts = [""] * len(self.item_texts)
 
+        # The encoder package (transformers, peft) is imported when a VLM2Rec is built, not when the plugin
+        # is: registering the models, or VLM2RecSASRec on exported features, never loads it.
+        from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
+
         try:  # their checks raise ValueError; for a config key that is the user's to fix (exit 1, no traceback)
             encoder_config = EncoderConfig.from_dict(config.final_config_dict)
             self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
@@ -93,7 +95,6 @@ class VLM2Rec(SequentialRecommender):
         self.encoder = VLMEncoder(encoder_config, cache_dir=config["checkpoint_dir"])
         self.encoder.to(config["device"])
         self.diagnostics = ModalityDiagnostics()
-        self.score_mode = "fused"
         if self.use_image and self.encoder.uses_vision_cache:
             stats = self.encoder.warm_vision_cache(
                 [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
@@ -215,8 +216,8 @@ class VLM2Rec(SequentialRecommender):
             catalog["fused"] = catalog.pop("interleaved")
         return catalog
 
-    def _user_scores_space(self, interaction) -> torch.Tensor:
-        """User vectors in the space of ``score_mode``; users are encoded once per distinct history."""
+    def _user_vectors(self, interaction, score_mode: str) -> torch.Tensor:
+        """User vectors scored under ``score_mode``; users are encoded once per distinct history."""
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         # sampled evaluation repeats each user once per candidate item: encode each distinct row once
@@ -224,44 +225,52 @@ class VLM2Rec(SequentialRecommender):
         vectors = []
         for start in range(0, unique_rows.shape[0], self.user_encode_batch_size):
             chunk = unique_rows[start : start + self.user_encode_batch_size]
-            vectors.append(self._in_score_space(self._encode_users(chunk[:, :-1], chunk[:, -1])))
+            vectors.append(self._scored_as(self._encode_users(chunk[:, :-1], chunk[:, -1]), score_mode))
         return torch.cat(vectors)[inverse]
 
-    def _item_space(self) -> torch.Tensor:
+    def _catalog_vectors(self, score_mode: str) -> torch.Tensor:
+        """Every item's vector scored under ``score_mode`` (row = internal item id)."""
         catalog = self.catalog_embeddings()
-        if self.fusion == "internal" or self.score_mode == "fused":
-            return catalog["fused"]
-        return catalog[self.score_mode]
+        return catalog["fused" if self.fusion == "internal" else score_mode]
 
-    def _in_score_space(self, embeddings) -> torch.Tensor:
+    def _scored_as(self, embeddings, score_mode: str) -> torch.Tensor:
         """Encoder output as scored under ``score_mode``: the interleaved vector, one modality, or the fusion."""
         if self.fusion == "internal":
             return embeddings.float()
-        if self.score_mode != "fused":
-            return getattr(embeddings, self.score_mode).float()
+        if score_mode != "fused":
+            return getattr(embeddings, score_mode).float()
         return embeddings.fused()
 
+    @staticmethod
+    def _check_score_mode(score_mode: str) -> None:
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {list(SCORE_MODES)}, got {score_mode!r}")
+
     @torch.no_grad()
-    def predict(self, interaction):
-        users = self._user_scores_space(interaction)
+    def predict(self, interaction, score_mode: str = "fused"):
+        """Scores of the (user, item) pairs; ``score_mode`` "text" / "image" scores one modality alone."""
+        self._check_score_mode(score_mode)
+        users = self._user_vectors(interaction, score_mode)
         item_ids = interaction[self.ITEM_ID]
         unique_items, inverse = torch.unique(item_ids, return_inverse=True)
         cached = self.encoder.catalog_is_cached(self.item_texts, self.item_images, self.fusion)
         if not cached and unique_items.numel() <= self.item_encode_batch_size:
             # a handful of items (RecBole's FLOPs count, a one-off call): no need to encode the whole catalog
-            return (users * self._in_score_space(self._encode_items(unique_items))[inverse]).sum(-1)
-        return (users * self._item_space()[item_ids]).sum(-1)
+            return (users * self._scored_as(self._encode_items(unique_items), score_mode)[inverse]).sum(-1)
+        return (users * self._catalog_vectors(score_mode)[item_ids]).sum(-1)
 
     @torch.no_grad()
-    def full_sort_predict(self, interaction):
-        return self._user_scores_space(interaction) @ self._item_space().t()
+    def full_sort_predict(self, interaction, score_mode: str = "fused"):
+        """Scores of every item for each user; ``score_mode`` as in :meth:`predict`."""
+        self._check_score_mode(score_mode)
+        return self._user_vectors(interaction, score_mode) @ self._catalog_vectors(score_mode).t()
 
     # --------------------------------------------------------------------------------------- artefacts
     def export(self, directory: str, item_tokens, checkpoint: Optional[str] = None) -> Dict[str, str]:
         """Write the per-modality catalog embeddings (``item_embeddings.<modality>.npy`` + ``.json``) and,
         with LoRA, the adapter (``adapter/``) into ``directory``. Returns what was written. ``checkpoint``
         (the weights' file) is recorded in the sidecars."""
-        from recbole_vlm2rec.encoder import export_item_embeddings
+        from recbole_vlm2rec.item_embeddings import export_item_embeddings, export_prefix
 
         os.makedirs(directory, exist_ok=True)
         catalog = self.catalog_embeddings()
@@ -274,7 +283,7 @@ class VLM2Rec(SequentialRecommender):
         if not self.use_text:
             arrays.pop("text", None)
         written = export_item_embeddings(
-            os.path.join(directory, "item_embeddings"),
+            export_prefix(directory),
             tokens,
             arrays,
             metadata=dict(
