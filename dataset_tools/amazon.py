@@ -1,6 +1,6 @@
 """Readers for the three Amazon review releases (2014, 2018, 2023): reviews and item metadata.
 
-The releases differ in keys, types and even syntax (DESIGN.md section 6):
+The releases differ in keys, types and even syntax (docs/design.md#amazon-releases):
 
 =======  ==================================================  ==========================================
 release  reviews (JSON lines, or ratings CSV)                metadata (one record per line)
@@ -21,6 +21,10 @@ line is parsed on its own: a bad line is reported with ``file:line`` in
 too, although they are not extracted).
 Timestamps are returned in seconds for every release. Item text is returned exactly, with HTML entities
 unescaped; a release's description paragraphs and feature bullets are joined with newlines.
+
+Why one module of ~650 lines: every function here encodes a difference between the releases (their keys,
+types, syntax and file layouts, the table above); kept together, the table and the code that follows it
+can be checked against each other in one read.
 """
 from __future__ import annotations
 

@@ -69,6 +69,7 @@ def _add_image_options(p: argparse.ArgumentParser, default_size: int, default_fo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long but flat: one add_argument per option of the four subcommands, in the order --help shows them.
     parser = argparse.ArgumentParser(
         prog="vlm2rec-data",
         description="Build RecBole datasets with item text and images for recbole-vlm2rec. Output: "

@@ -9,7 +9,7 @@ What is planted (the *latent attributes*, stored only in ``NAME.latent.json``):
 * image attribute, a pattern (:data:`PATTERNS`): horizontal/vertical/diagonal stripes, checkerboard,
   dots, rings, a cross or a triangle, drawn with a random period, phase and position in two random
   colours plus pixel noise. Colour says nothing about the attribute, so a randomly initialised
-  vision model (which separates flat colours well, DESIGN.md section 4) does not get it for free:
+  vision model (which separates flat colours well, docs/design.md#synthetic) does not get it for free:
   shape and texture have to be learned.
 
 Users: each has two interests, each a (theme, pattern) pair; a sequence stays with its current
@@ -146,7 +146,11 @@ def draw_pattern(pattern: int, size: int, rng: np.random.Generator) -> np.ndarra
 # ------------------------------------------------------------------------------------------ catalog
 
 def generate_raw(raw_dir: pathlib.Path, spec: SyntheticSpec, progress: bool = True) -> dict:
-    """Write ``raw_dir/{reviews.jsonl, meta.jsonl, images/}`` (Amazon 2023 format); return the latents."""
+    """Write ``raw_dir/{reviews.jsonl, meta.jsonl, images/}`` (Amazon 2023 format); return the latents.
+
+    One function of ~80 lines on purpose: it is the generative story of the catalog (latents, then items,
+    then users' sequences) in the order it happens, and the latents it returns are what the tests check.
+    """
     spec.check()
     raw_dir = pathlib.Path(raw_dir)
     (raw_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -37,9 +37,9 @@ def image_server():
 
 @pytest.fixture
 def trickle_server():
-    """A local HTTP server on 127.0.0.1 that sends bodies one byte per second (helpers.TrickleServer)."""
-    from helpers import TrickleServer
+    """The image server for trickling routes (``add(..., interval=1.0)``: one byte per second)."""
+    from helpers import ImageServer
 
-    server = TrickleServer()
+    server = ImageServer()
     yield server
     server.close()

@@ -97,51 +97,10 @@ def image_bytes(fmt="JPEG", size=(80, 60), mode="RGB", color=(200, 30, 30)):
 
 
 class ImageServer:
-    """A bounded HTTP server on 127.0.0.1: routes with status, body and delay; counts every request."""
-
-    def __init__(self):
-        self.routes = {}
-        self.hits = collections.Counter()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.hits[self.path] += 1
-                status, body, delay = server.routes.get(self.path, (404, b"not found", 0.0))
-                time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:
-                    pass            # the client gave up (timeout test)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base(self):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def add(self, path, body, status=200, delay=0.0):
-        self.routes[path] = (status, body, delay)
-        return self.base + path
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class TrickleServer:
-    """An HTTP server on 127.0.0.1 that sends a route's body one byte every ``interval`` seconds (0: at
-    once), headers first, and closes the connection after ``give_up`` seconds: a client without a total
-    deadline waits as long as the server keeps trickling. Counts requests per path."""
+    """A bounded HTTP server on 127.0.0.1; counts every request. A route has a status, a body, a delay
+    before answering, and an ``interval``: 0 sends the body at once, > 0 one byte every ``interval``
+    seconds after the headers (a trickling server: a client without a total deadline waits as long as it
+    keeps sending), until ``give_up`` seconds have passed."""
 
     def __init__(self, give_up=20.0):
         self.routes = {}
@@ -151,9 +110,10 @@ class TrickleServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.hits[self.path] += 1
-                body, interval = server.routes.get(self.path, (b"not found", 0.0))
+                status, body, delay, interval = server.routes.get(self.path, (404, b"not found", 0.0, 0.0))
+                time.sleep(delay)
                 try:
-                    self.send_response(200 if self.path in server.routes else 404)
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     if not interval:
@@ -167,7 +127,7 @@ class TrickleServer:
                         self.wfile.flush()
                         time.sleep(interval)
                 except OSError:
-                    pass            # the client gave up
+                    pass            # the client gave up (timeout and deadline tests)
                 self.close_connection = True
 
             def log_message(self, *args):
@@ -182,8 +142,8 @@ class TrickleServer:
     def base(self):
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def add(self, path, body, interval=1.0):
-        self.routes[path] = (body, interval)
+    def add(self, path, body, status=200, delay=0.0, interval=0.0):
+        self.routes[path] = (status, body, delay, interval)
         return self.base + path
 
     def close(self):
