@@ -74,16 +74,16 @@ def resolve_feature_prefix(
     if feature_prefix is not None:
         prefix = str(feature_prefix)
         return export_prefix(prefix) if os.path.isdir(prefix) else prefix
-    first = modalities[0]
+    searched = modalities[0]  # every modality of an export is written together: look for one
     try:
-        found = newest_export(checkpoint_dir, dataset_name, first, item_tokens)
+        found = newest_export(checkpoint_dir, dataset_name, searched, item_tokens)
     except ValueError as error:  # an unreadable sidecar
         raise DataError(str(error)) from None
     if found is not None:
         return found
     raise DataError(
         f"feature_prefix is not set and no VLM2Rec export of dataset {dataset_name!r} was found under "
-        f"checkpoint_dir={checkpoint_dir!r} (looked for {export_pattern(checkpoint_dir, first)}). Run VLM2Rec on "
+        f"checkpoint_dir={checkpoint_dir!r} (looked for {export_pattern(checkpoint_dir, searched)}). Run VLM2Rec on "
         "this dataset first "
         f"(`run_recbole --model=VLM2Rec --dataset={dataset_name}`, it exports the item embeddings there), or set "
         "feature_prefix to the prefix of your own arrays (<prefix>.<modality>.npy + <prefix>.<modality>.json "
