@@ -102,18 +102,19 @@ def _rope(theta, section):
     return {"rope_type": "default", "rope_theta": theta, "mrope_section": list(section)}
 
 
+_TINY_QWEN2_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=32, rope_parameters=_rope(1e6, (4, 6, 6)))
+
 # Layer shapes of each built-in backbone. Tiny ones keep the real families' structure (patch sizes,
 # merge size, window attention, deepstack) at toy width; the real-size ones copy the published configs.
 _SHAPES = {
     ("qwen2_vl", "tiny"): dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=32, rope_parameters=_rope(1e6, (4, 6, 6))),
+        text=_TINY_QWEN2_TEXT,
         vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2),
     ),
     ("qwen2_5_vl", "tiny"): dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=32, rope_parameters=_rope(1e6, (4, 6, 6))),
+        text=_TINY_QWEN2_TEXT,
         vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
     ),
