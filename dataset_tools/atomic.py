@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 SIDECAR_SUFFIX = ".text.jsonl"
+# the discrete item features of NAME.item (what FDSA / SASRecF select); their column types follow
+ITEM_FEATURES = ("categories", "brand")
 SIDECAR_FIELDS = {"item_id": str, "title": str, "description": str, "categories": list, "brand": str}
 _TEMP_MARK = ".tmp-"
 
@@ -137,10 +139,22 @@ def _seconds_strings(seconds: np.ndarray) -> list:
 def write_item(path: os.PathLike | str, items: Iterable[dict]) -> None:
     """Write ``.item`` rows from sidecar records (exact strings are tokenised here)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write("item_id:token\tcategories:token_seq\tbrand:token\timage:token\n")
+        f.write("item_id:token\tcategories:token_seq\tbrand:token\timage:token\n")  # ITEM_FEATURES + image
         for it in items:
             f.write(f"{it['item_id']}\t{categories_token_seq(it['categories'])}\t"
                     f"{as_token(it['brand'])}\t{it['image'] or ''}\n")
+
+
+def sidecar_path(dataset_dir: os.PathLike | str, name: str) -> pathlib.Path:
+    """``<dataset_dir>/<name>.text.jsonl``."""
+    return pathlib.Path(dataset_dir) / f"{name}{SIDECAR_SUFFIX}"
+
+
+def write_item_sidecar(dataset_dir: os.PathLike | str, name: str, records: Iterable[dict]) -> pathlib.Path:
+    """Write the text sidecar (one JSON object per item, fields ``SIDECAR_FIELDS`` + ``image``), atomically."""
+    path = sidecar_path(dataset_dir, name)
+    write_jsonl(path, records)
+    return path
 
 
 class SidecarError(ValueError):
@@ -155,7 +169,7 @@ def read_item_sidecar(dataset_dir: os.PathLike | str, name: str, check_images: b
     ``check_images``, an existing file). Raises :class:`SidecarError` naming ``file:line`` otherwise.
     """
     dataset_dir = pathlib.Path(dataset_dir)
-    path = dataset_dir / f"{name}{SIDECAR_SUFFIX}"
+    path = sidecar_path(dataset_dir, name)
     if not path.is_file():
         raise SidecarError(f"{path}: item text file not found; build the dataset with `vlm2rec-data` "
                            f"(amazon, synthetic or demo) or check --data_path and the dataset name")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import amazon, preprocess
-from .atomic import SIDECAR_SUFFIX, remove_stale_temps, write_inter, write_item, write_json, write_jsonl
+from .atomic import SIDECAR_SUFFIX, remove_stale_temps, write_inter, write_item, write_item_sidecar, write_json, write_jsonl
 from .images import ImageOptions, process_images
 from .problems import FatalInputError, Problems
 
@@ -191,7 +191,7 @@ def write_dataset(dataset_dir: pathlib.Path, name: str, frame, records: Optional
     files = {"inter": f"{name}.inter"}
     if records is not None:
         write_item(dataset_dir / f"{name}.item", records)
-        write_jsonl(dataset_dir / f"{name}{SIDECAR_SUFFIX}", records)
+        write_item_sidecar(dataset_dir, name, records)
         n = len(records) or 1
         with_text = sum(1 for r in records if r["title"] or r["description"])
         with_image = sum(1 for r in records if r["image"])

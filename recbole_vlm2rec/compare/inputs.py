@@ -17,7 +17,7 @@ from logging import getLogger
 from typing import Callable, Dict, Optional
 
 # the discrete item features dataset_tools writes into <dataset>.item (RecBole token / token_seq fields)
-DISCRETE_FEATURES = ("categories", "brand")
+from dataset_tools.atomic import ITEM_FEATURES as DISCRETE_FEATURES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 from recbole.data.dataset import SequentialDataset
 
-from dataset_tools.atomic import SIDECAR_FIELDS
+from dataset_tools.atomic import SIDECAR_FIELDS, sidecar_path
 from recbole_vlm2rec.errors import DataError
 
 # the text fields of the sidecar (dataset_tools/atomic.py writes and reads it) that prompts can be built from
@@ -105,7 +105,7 @@ class VLM2RecDataset(SequentialDataset):
         )
         if self.content_stats["without_text"] == n_items and self.content_stats["without_image"] == n_items:
             raise DataError(
-                f"{os.path.join(dataset_dir, self.dataset_name + '.text.jsonl')}: no item has text or an image; "
+                f"{sidecar_path(dataset_dir, self.dataset_name)}: no item has text or an image; "
                 "VLM2Rec needs at least one modality. Check the conversion (vlm2rec-data) and item_text_fields."
             )
         if missing_file:
