@@ -60,7 +60,30 @@ class VLM2Rec(SequentialRecommender):
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["amp_dtype"])
         self.enable_amp = bool(config["enable_amp"]) and config["device"].type == "cuda"
 
-        # item content, row i = RecBole's internal item id i (row 0 is padding)
+        self._read_item_content(config, dataset)
+
+        # The encoder package (transformers, peft) is imported when a VLM2Rec is built, not when the plugin
+        # is: registering the models, or VLM2RecSASRec on exported features, never loads it.
+        from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
+
+        try:  # their checks raise ValueError; for a config key that is the user's to fix (exit 1, no traceback)
+            encoder_config = EncoderConfig.from_dict(config.final_config_dict)
+            self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
+            self.interleaved_loss = InfoNCELoss(config["tau"])
+        except ValueError as error:
+            raise error if isinstance(error, ConfigError) else ConfigError(f"VLM2Rec settings: {error}") from None
+        self.encoder = VLMEncoder(encoder_config, cache_dir=config["checkpoint_dir"])
+        self.encoder.to(config["device"])
+        self.diagnostics = ModalityDiagnostics()
+        if self.use_image and self.encoder.uses_vision_cache:
+            stats = self.encoder.warm_vision_cache(
+                [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
+            )
+            self.logger.info(f"VLM2Rec vision cache: {stats}")
+
+    def _read_item_content(self, config, dataset) -> None:
+        """Item texts and images (row i = RecBole's internal item id i; row 0 is padding), blanked for a
+        modality that is not used: the encoder then masks it (zero rows), so no other code needs to know."""
         self.item_texts: List[str] = list(dataset.item_texts)
         self.item_images: List[Optional[str]] = list(dataset.item_images)
         requested = config["modalities"] or list(MODALITIES)
@@ -81,25 +104,6 @@ class VLM2Rec(SequentialRecommender):
             self.item_images = [None] * len(self.item_images)
         if not self.use_text:
             self.item_texts = [""] * len(self.item_texts)
-
-        # The encoder package (transformers, peft) is imported when a VLM2Rec is built, not when the plugin
-        # is: registering the models, or VLM2RecSASRec on exported features, never loads it.
-        from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
-
-        try:  # their checks raise ValueError; for a config key that is the user's to fix (exit 1, no traceback)
-            encoder_config = EncoderConfig.from_dict(config.final_config_dict)
-            self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
-            self.interleaved_loss = InfoNCELoss(config["tau"])
-        except ValueError as error:
-            raise error if isinstance(error, ConfigError) else ConfigError(f"VLM2Rec settings: {error}") from None
-        self.encoder = VLMEncoder(encoder_config, cache_dir=config["checkpoint_dir"])
-        self.encoder.to(config["device"])
-        self.diagnostics = ModalityDiagnostics()
-        if self.use_image and self.encoder.uses_vision_cache:
-            stats = self.encoder.warm_vision_cache(
-                [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
-            )
-            self.logger.info(f"VLM2Rec vision cache: {stats}")
 
     # ------------------------------------------------------------------------------------------ inputs
     def _histories(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
