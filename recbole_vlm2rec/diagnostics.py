@@ -1,7 +1,8 @@
 """Modality-collapse diagnostics (docs/design.md#diagnostics).
 
 :class:`ModalityDiagnostics` turns the per-step values of the objective (``L^T``, ``L^V``, the weak
-modality, the gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||``) into per-epoch means for the log, and
+modality, the gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||``, the positive-score ratio ``P^T / P^V``)
+into per-epoch means for the log, and
 :func:`modality_dropout_table` lays out text-only / image-only / fused evaluation side by side: the
 modality-dropout test that shows a collapsed modality as a column of near-random metrics.
 
@@ -32,6 +33,19 @@ class ModalityDiagnostics:
     Every :meth:`update` is one training step; any value may be ``None`` (the modality was absent, the
     ratio was not computed) and is then left out of that quantity's mean, so each mean is over the steps
     that reported it. Values may be floats or 0-d tensors (read with ``float``).
+
+    Two imbalance measures, both text over image:
+
+    * ``grad_norm_ratio``, ``||dL/dE^T|| / ||dL/dE^V||`` at the encoder's output embeddings. It is exactly 1
+      for plain fused InfoNCE of unit-norm embeddings (VLM2Rec's encoder outputs), collapse or not: with
+      ``f = normalize(a + b)``, ``a = normalize(t)``, ``b = normalize(v)``, the gradient ``g`` at ``a + b``
+      is orthogonal to ``a + b``, so ``a.g = -b.g``, and each branch receives ``g`` projected off its own
+      unit vector: ``||g||^2 - (a.g)^2 = ||g||^2 - (b.g)^2``. Only WPCL (``beta > 0``) and CRTR move it
+      (docs/design.md#diagnostics).
+    * ``positive_score_ratio``, ``P^T / P^V`` with ``P^m`` the mean over rows of the softmax of ``s^m/tau``
+      at the positive (OGM-GE's modality score), from the detached per-modality scores. Not 1 by
+      construction: a collapsed image has ``P^V`` at chance (``1/B`` when nothing is masked), and the ratio
+      grows with the text's lead.
     """
 
     def __init__(self) -> None:
@@ -40,7 +54,9 @@ class ModalityDiagnostics:
     def reset(self) -> None:
         """Forget everything: call at the start of each epoch."""
         self.steps = 0
-        self._sums: Dict[str, float] = {"loss_text": 0.0, "loss_image": 0.0, "grad_norm_ratio": 0.0}
+        self._sums: Dict[str, float] = {
+            "loss_text": 0.0, "loss_image": 0.0, "grad_norm_ratio": 0.0, "positive_score_ratio": 0.0
+        }
         self._counts: Dict[str, int] = dict.fromkeys(self._sums, 0)
         self._weak: Dict[str, int] = dict.fromkeys(_MODALITIES, 0)
 
@@ -50,11 +66,17 @@ class ModalityDiagnostics:
         loss_image=None,
         weak: Optional[str] = None,
         grad_norm_ratio=None,
+        positive_score_ratio=None,
     ) -> None:
         if weak is not None and weak not in self._weak:
             raise ValueError(f"weak must be 'text', 'image' or None, got {weak!r}")
         self.steps += 1
-        for key, value in (("loss_text", loss_text), ("loss_image", loss_image), ("grad_norm_ratio", grad_norm_ratio)):
+        for key, value in (
+            ("loss_text", loss_text),
+            ("loss_image", loss_image),
+            ("grad_norm_ratio", grad_norm_ratio),
+            ("positive_score_ratio", positive_score_ratio),
+        ):
             if value is not None:
                 self._sums[key] += float(value)
                 self._counts[key] += 1
@@ -65,13 +87,15 @@ class ModalityDiagnostics:
         """Epoch means; NaN for a quantity no step reported.
 
         ``weak_text_share`` + ``weak_image_share`` = 1 over the steps that named a weak modality.
-        ``grad_norm_ratio`` is the arithmetic mean of the per-step ratios. ``steps`` counts updates.
+        ``grad_norm_ratio`` and ``positive_score_ratio`` are arithmetic means of the per-step ratios.
+        ``steps`` counts updates.
         """
         decided = sum(self._weak.values())
         result = {key: _mean(self._sums[key], self._counts[key]) for key in ("loss_text", "loss_image")}
         for modality in _MODALITIES:
             result[f"weak_{modality}_share"] = _mean(self._weak[modality], decided)
-        result["grad_norm_ratio"] = _mean(self._sums["grad_norm_ratio"], self._counts["grad_norm_ratio"])
+        for key in ("grad_norm_ratio", "positive_score_ratio"):
+            result[key] = _mean(self._sums[key], self._counts[key])
         result["steps"] = self.steps
         return result
 
@@ -81,7 +105,8 @@ class ModalityDiagnostics:
         return (
             f"modality: L^T {_fmt(s['loss_text'], '.4f')} | L^V {_fmt(s['loss_image'], '.4f')} | "
             f"weak text {_fmt(s['weak_text_share'], '.1%')} image {_fmt(s['weak_image_share'], '.1%')} | "
-            f"grad T/V {_fmt(s['grad_norm_ratio'], '.3f')} | steps {s['steps']}"
+            f"grad T/V {_fmt(s['grad_norm_ratio'], '.3f')} | pos T/V {_fmt(s['positive_score_ratio'], '.3f')} | "
+            f"steps {s['steps']}"
         )
 
 

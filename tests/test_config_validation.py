@@ -160,7 +160,7 @@ def test_loss_keys_are_the_keys_the_objective_reads():
          "'train_vision_tower' is true but 'finetune' is 'frozen'"),
         ("VLM2Rec", {"tau": 0}, "tau must be > 0, got 0"),
         ("VLM2Rec", {"tau_r": "warm"}, "tau_r must be a real number, got 'warm'"),
-        ("VLM2Rec", {"weak_criterion": "norm"}, "weak_criterion: criterion must be one of 'loss', 'grad'; got 'norm'"),
+        ("VLM2Rec", {"weak_criterion": "norm"}, "weak_criterion: criterion must be one of 'loss', 'grad', 'accuracy'; got 'norm'"),
         ("VLM2Rec", {"weak_ema_momentum": 1.0}, r"weak_ema_momentum: momentum must be in \[0, 1\), got 1.0"),
         ("VLM2Rec", {"crtr_relation": "items"}, "crtr_relation: relation must be one of 'item', 'user', 'both'; got"),
         ("VLM2Rec", {"lambda": -0.5}, "lambda: crtr_weight must be >= 0, got -0.5"),

@@ -9,20 +9,22 @@ from recbole_vlm2rec.diagnostics import ModalityDiagnostics, modality_dropout_ta
 
 def test_summary_on_a_known_sequence():
     diagnostics = ModalityDiagnostics()
-    diagnostics.update(1.0, 3.0, "image", 2.0)
-    diagnostics.update(torch.tensor(2.0), torch.tensor(1.0), "text", torch.tensor(0.5))
-    diagnostics.update(3.0, None, "image", None)  # a batch without images and without the ratio
-    diagnostics.update(2.0, 2.0, "image", 1.0)
+    diagnostics.update(1.0, 3.0, "image", 2.0, positive_score_ratio=4.0)
+    diagnostics.update(torch.tensor(2.0), torch.tensor(1.0), "text", torch.tensor(0.5), torch.tensor(0.5))
+    diagnostics.update(3.0, None, "image", None)  # a batch without images and without the ratios
+    diagnostics.update(2.0, 2.0, "image", 1.0)  # a step that reported no positive-score ratio
     assert diagnostics.summary() == {
         "loss_text": pytest.approx((1 + 2 + 3 + 2) / 4),
         "loss_image": pytest.approx((3 + 1 + 2) / 3),
         "weak_text_share": pytest.approx(1 / 4),
         "weak_image_share": pytest.approx(3 / 4),
         "grad_norm_ratio": pytest.approx((2 + 0.5 + 1) / 3),
+        "positive_score_ratio": pytest.approx((4 + 0.5) / 2),
         "steps": 4,
     }
     assert diagnostics.format_line() == (
-        "modality: L^T 2.0000 | L^V 2.0000 | weak text 25.0% image 75.0% | grad T/V 1.167 | steps 4"
+        "modality: L^T 2.0000 | L^V 2.0000 | weak text 25.0% image 75.0% | grad T/V 1.167 | pos T/V 2.250 | "
+        "steps 4"
     )
 
 
@@ -34,10 +36,31 @@ def test_empty_and_single_modality_give_nan_and_reset_clears():
     summary = diagnostics.summary()
     assert summary["loss_text"] == 0.5 and math.isnan(summary["weak_text_share"])
     assert diagnostics.format_line() == (
-        "modality: L^T 0.5000 | L^V n/a | weak text n/a image n/a | grad T/V n/a | steps 1"
+        "modality: L^T 0.5000 | L^V n/a | weak text n/a image n/a | grad T/V n/a | pos T/V n/a | steps 1"
     )
     diagnostics.reset()
     assert diagnostics.steps == 0 and math.isnan(diagnostics.summary()["loss_text"])
+
+
+def test_collapsed_image_batch_shows_in_the_positive_score_ratio_not_the_grad_ratio():
+    """One step of the objective on a batch whose image is collapsed, recorded as the models record it: the
+    embedding-level ratio is 1 (plain fused InfoNCE of unit vectors), the positive-score ratio is not."""
+    from recbole_vlm2rec.losses import VLM2RecObjective
+
+    # B = 4: text users = items = e_0..e_3 (every row a hit, softmax 1/(1 + 3 e^-20) at tau 0.05);
+    # image: every user and item e_0, so all image scores are 1 and the image's softmax is 1/4 on every row.
+    text = torch.eye(4).requires_grad_()
+    image = torch.zeros(4, 4)
+    image[:, 0] = 1.0
+    image.requires_grad_()
+    out = VLM2RecObjective(beta=0.0, crtr_weight=0.0)(text, image, None, text, image, None, grad_norm_ratio=True)
+    diagnostics = ModalityDiagnostics()
+    diagnostics.update(out.loss_text, out.loss_image, out.weak, out.grad_norm_ratio, out.positive_score_ratio)
+    summary = diagnostics.summary()
+    assert summary["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["positive_score_ratio"] == pytest.approx(4 / (1 + 3 * math.exp(-20)), rel=1e-6)  # 4.000
+    assert summary["loss_image"] == pytest.approx(math.log(4), abs=1e-6)
+    assert "| grad T/V 1.000 | pos T/V 4.000 |" in diagnostics.format_line()
 
 
 def test_unknown_weak_modality_is_rejected():

@@ -16,6 +16,7 @@ from recbole_vlm2rec.losses import (
     WeakModalityDetector,
     WPCLLoss,
     cosine_scores,
+    in_batch_retrieval,
     info_nce,
     modality_gradient_norms,
 )
@@ -344,6 +345,71 @@ def test_detector_state_dict_round_trip():
     assert torch.equal(restored.ema, detector.ema)
 
 
+def test_detector_accuracy_criterion_ema_ignores_losses():
+    detector = WeakModalityDetector("accuracy", momentum=0.5)
+    # The losses passed (text 9.0 >> image 0.1) would make 'loss' call the text weak; 'accuracy' ignores them.
+    assert detector.update(9.0, 0.1, accuracy_text=0.5) == "image"  # image accuracy not seen yet: no decision
+    accuracies = [(0.0, 0.75), (0.25, 0.0), (0.5, 0.5), (1.0, 0.0), (0.0, 0.46875)]
+    # EMA text:  0.5 -> 0.25   -> 0.25  -> 0.375  -> 0.6875  -> 0.34375
+    # EMA image: --  -> 0.75   -> 0.375 -> 0.4375 -> 0.21875 -> 0.34375 (first value taken as is)
+    # weak = the lower EMA accuracy, the last one a tie, which goes to the image.
+    expected = ["text", "text", "text", "image", "image"]
+    got = [detector.update(9.0, 0.1, accuracy_text=torch.tensor(at), accuracy_image=ai) for at, ai in accuracies]
+    assert got == expected
+    assert detector.ema.tolist() == pytest.approx([0.34375, 0.34375])
+    assert detector.counts == {"text": 3, "image": 3}
+
+
+def softmax_at(logits, b):
+    """exp(logits[b]) / sum(exp(logits)): the softmax of a list at index b."""
+    return math.exp(logits[b]) / sum(math.exp(x) for x in logits)
+
+
+def test_in_batch_retrieval_by_hand_with_false_negatives_and_masks():
+    S = t([[0.9, 0.5, 0.2], [0.4, 0.8, 0.1], [0.65, 0.3, 0.6]])
+    ids = torch.tensor([5, 7, 5])  # columns 0 and 2 are the same item
+    # tau = 1. No masking: rows 0 and 1 are hits; row 2 misses (0.65 in column 0 beats its 0.6).
+    term = in_batch_retrieval(S, 1.0)
+    p = [softmax_at([0.9, 0.5, 0.2], 0), softmax_at([0.4, 0.8, 0.1], 1), softmax_at([0.65, 0.3, 0.6], 2)]
+    assert term.accuracy.item() == pytest.approx(2 / 3) and int(term.rows) == 3
+    assert term.positive_score.item() == pytest.approx(sum(p) / 3, abs=1e-6)
+    # False negatives masked as info_nce does: row 0 drops column 2, row 2 drops column 0 and becomes a hit.
+    term = in_batch_retrieval(S, 1.0, item_ids=ids)
+    p_fn = [softmax_at([0.9, 0.5], 0), p[1], softmax_at([0.3, 0.6], 1)]
+    assert term.accuracy.item() == 1.0
+    assert term.positive_score.item() == pytest.approx(sum(p_fn) / 3, abs=1e-6)
+    # row_mask drops row 1: the mean is over rows 0 and 2.
+    term = in_batch_retrieval(S, 1.0, item_ids=ids, row_mask=torch.tensor([True, False, True]))
+    assert int(term.rows) == 2 and term.accuracy.item() == 1.0
+    assert term.positive_score.item() == pytest.approx((p_fn[0] + p_fn[2]) / 2, abs=1e-6)
+    # col_mask drops item 1: row 1 loses its positive; rows 0 and 2 keep only their positive (the other
+    # column is a false negative): hits with softmax 1.
+    term = in_batch_retrieval(S, 1.0, item_ids=ids, col_mask=torch.tensor([True, False, True]))
+    assert int(term.rows) == 2 and term.accuracy.item() == 1.0 and term.positive_score.item() == 1.0
+    # tau only sharpens the softmax; accuracy is read on the raw scores.
+    sharp = in_batch_retrieval(S, 0.05)
+    assert sharp.accuracy.item() == pytest.approx(2 / 3)
+    assert sharp.positive_score.item() == pytest.approx(
+        sum(softmax_at([x / 0.05 for x in row], b) for b, row in enumerate(S.tolist())) / 3, abs=1e-6)
+
+
+def test_in_batch_retrieval_ties_are_misses_and_masked_garbage_stays_out():
+    # A collapsed modality: every score equal. Ties are misses, so accuracy 0; softmax at chance, 1/4.
+    term = in_batch_retrieval(torch.full((4, 4), 0.3), 0.05)
+    assert term.accuracy.item() == 0.0 and term.positive_score.item() == pytest.approx(1 / 4)
+    # Column 3 masked (it holds NaN): rows 0-2 remain, 3 candidates each -> softmax 1/3.
+    S = torch.full((4, 4), 0.3)
+    S[:, 3] = float("nan")
+    S[3] = float("nan")
+    present = torch.tensor([True, True, True, False])
+    term = in_batch_retrieval(S, 0.05, col_mask=present)
+    assert int(term.rows) == 3 and term.accuracy.item() == 0.0
+    assert term.positive_score.item() == pytest.approx(1 / 3)
+    # No valid row: zeros, rows 0.
+    term = in_batch_retrieval(S, 0.05, row_mask=torch.zeros(4, dtype=torch.bool))
+    assert int(term.rows) == 0 and term.accuracy.item() == 0.0 and term.positive_score.item() == 0.0
+
+
 def test_modality_gradient_norms_by_hand_and_backward_still_works():
     x_text = t([[1.0, 2.0], [0.0, 1.0]]).requires_grad_()
     x_image = t([[3.0, 0.0]]).requires_grad_()
@@ -457,6 +523,67 @@ def test_objective_grad_criterion_uses_fused_info_nce_gradients():
     assert objective.detector.counts[out.weak] == 1
 
 
+def _collapsed_image_batch():
+    """B = 4, D = 4, unit rows. Text: items e_0..e_3, users e_0, e_1, e_2 and (e_0 - e_3)/sqrt(2), so rows 0-2
+    retrieve their positive with cosine 1 against 0, and row 3 ranks item 0 (cos 1/sqrt(2)) first and its own
+    item last (cos -1/sqrt(2)): sharp and partly wrong. Image: collapsed, every user and item is e_0, so
+    every image score is exactly 1."""
+    item_text = torch.eye(4)
+    user_text = torch.eye(4)
+    user_text[3] = F.normalize(t([1.0, 0.0, 0.0, -1.0]), dim=0)
+    image = torch.zeros(4, 4)
+    image[:, 0] = 1.0
+    return [x.clone().requires_grad_() for x in (user_text, item_text, image, image)]
+
+
+def test_collapsed_image_loss_criterion_calls_it_strong_accuracy_calls_it_weak():
+    ut, it, uv, iv = _collapsed_image_batch()
+    c = 1 / math.sqrt(2)
+    # tau = 0.05. Text rows 0-2: logits 20 vs three 0s; row 3: logits (20c, 0, 0, -20c), positive last.
+    row_hit = math.log1p(3 * math.exp(-20))
+    row_miss = math.log(math.exp(20 * c) + 2 + math.exp(-20 * c)) + 20 * c
+    loss_text = (3 * row_hit + row_miss) / 4  # 7.071: far above chance, ln 4 = 1.386
+    p_hit = 1 / (1 + 3 * math.exp(-20))
+    p_miss = math.exp(-20 * c) / (math.exp(20 * c) + 2 + math.exp(-20 * c))
+    positive_text, positive_image = (3 * p_hit + p_miss) / 4, 1 / 4  # the image's softmax is 1/4 on every row
+
+    weak = {}
+    for criterion in ("loss", "accuracy"):
+        out = VLM2RecObjective(beta=0.0, crtr_weight=0.0, criterion=criterion)(
+            ut, uv, None, it, iv, None, grad_norm_ratio=True
+        )
+        weak[criterion] = out.weak
+        assert out.loss_text.item() == pytest.approx(loss_text, rel=1e-5)
+        assert out.loss_image.item() == pytest.approx(math.log(4), abs=1e-6)  # collapsed: exactly chance
+        assert out.accuracy_text.item() == 0.75 and out.accuracy_image.item() == 0.0  # image: ties, misses
+        assert out.positive_score_ratio.item() == pytest.approx(positive_text / positive_image, rel=1e-5)  # 2.9999
+        # Plain fused InfoNCE of unit vectors (beta = 0, no CRTR): the embedding-level ratio is 1 even with a
+        # collapsed image, while the positive-score ratio is about 3.
+        assert out.grad_norm_ratio.item() == pytest.approx(1.0, abs=1e-5)
+    # 'loss': EMA(L^T) = 7.07 > EMA(L^V) = ln 4, so the collapsed image is called strong. A chance-relative
+    # margin ln 4 - L^m would agree (-5.69 < 0): both modalities share one support, hence one chance level.
+    # 'accuracy': 0.75 > 0, the image is weak.
+    assert weak == {"loss": "text", "accuracy": "image"}
+
+
+def test_collapsed_image_retrieval_statistics_follow_the_image_masks():
+    ut, it, uv, iv = _collapsed_image_batch()
+    # User 3 has no image: row 3 (the text's miss) leaves the support; all 4 columns stay candidates.
+    out = VLM2RecObjective(criterion="accuracy")(ut, uv, torch.tensor([True, True, True, False]), it, iv, None)
+    assert out.accuracy_text.item() == 1.0 and out.accuracy_image.item() == 0.0
+    assert out.positive_score_ratio.item() == pytest.approx((1 / (1 + 3 * math.exp(-20))) / (1 / 4), rel=1e-6)
+    assert out.weak == "image"
+    # Item 3 has no image: row 3 loses its positive and column 3 is no candidate: 3 candidates per row.
+    out = VLM2RecObjective()(ut, uv, None, it, iv, torch.tensor([True, True, True, False]))
+    assert out.accuracy_text.item() == 1.0 and out.accuracy_image.item() == 0.0
+    assert out.loss_image.item() == pytest.approx(math.log(3), abs=1e-6)
+    assert out.positive_score_ratio.item() == pytest.approx((1 / (1 + 2 * math.exp(-20))) / (1 / 3), rel=1e-6)
+    # Text only: no image to compare with, so no ratio; the text's accuracy is still reported.
+    with pytest.warns(UserWarning, match="text embeddings only"):
+        out = VLM2RecObjective()(ut, None, None, it, None, None)
+    assert out.positive_score_ratio is None and out.accuracy_text.item() == 0.75 and out.accuracy_image is None
+
+
 def test_objective_eval_mode_leaves_detector_alone():
     ut, it, uv, iv = _batch()
     objective = VLM2RecObjective().eval()
@@ -503,7 +630,8 @@ def test_objective_text_only_and_image_only(recwarn):
         (lambda: WPCLLoss(beta=-1.0), r"beta must be >= 0, got -1.0"),
         (lambda: WPCLLoss(form="abs"), r"form must be one of 'relative', 'absolute'; got 'abs'"),
         (lambda: CRTRLoss(tau_r=0), r"tau_r must be > 0, got 0"),
-        (lambda: WeakModalityDetector(criterion="norm"), r"criterion must be one of 'loss', 'grad'; got 'norm'"),
+        (lambda: WeakModalityDetector(criterion="norm"),
+         r"criterion must be one of 'loss', 'grad', 'accuracy'; got 'norm'"),
         (lambda: WeakModalityDetector(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
         (lambda: VLM2RecObjective(relation="items"), r"relation must be one of 'item', 'user', 'both'; got 'items'"),
         (lambda: VLM2RecObjective(crtr_weight=-0.1), r"crtr_weight must be >= 0, got -0.1"),

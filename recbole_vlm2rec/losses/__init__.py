@@ -25,7 +25,7 @@ from __future__ import annotations
 from recbole_vlm2rec.fusion import MODALITIES
 
 from .crtr import CRTRLoss
-from .detector import CRITERIA, WeakModalityDetector, modality_gradient_norms
+from .detector import CRITERIA, RetrievalTerm, WeakModalityDetector, in_batch_retrieval, modality_gradient_norms
 from .info_nce import InfoNCELoss, LossTerm, cosine_scores, info_nce
 from .objective import RELATIONS, ObjectiveOutput, VLM2RecObjective
 from .wpcl import WPCL_FORMS, WPCLLoss
@@ -42,6 +42,8 @@ __all__ = [
     "WPCLLoss",
     "CRTRLoss",
     "modality_gradient_norms",
+    "RetrievalTerm",
+    "in_batch_retrieval",
     "WeakModalityDetector",
     "ObjectiveOutput",
     "VLM2RecObjective",

@@ -1,22 +1,89 @@
-"""The weak-modality detector and the per-modality gradient norms it (and the diagnostics) use.
+"""The weak-modality detector and what it (and the diagnostics) measure: per-modality gradient norms and
+in-batch retrieval statistics (top-1 accuracy, softmax score of the positive).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from recbole_vlm2rec.checks import choice, real
+from recbole_vlm2rec.checks import choice, positive, real
 from recbole_vlm2rec.fusion import MODALITIES
 
-CRITERIA = ("loss", "grad")
+from .info_nce import candidate_logits
+from .inputs import check_item_ids, check_mask, check_square
+
+CRITERIA = ("loss", "grad", "accuracy")
+
+
+class RetrievalTerm(NamedTuple):
+    """In-batch retrieval statistics of one score matrix, means over ``rows`` valid rows (0: skipped, both
+    values are 0)."""
+
+    accuracy: Tensor
+    positive_score: Tensor
+    rows: Tensor
+
+
+@torch.no_grad()
+def in_batch_retrieval(
+    scores: Tensor,
+    tau: float = 0.05,
+    item_ids: Optional[Tensor] = None,
+    row_mask: Optional[Tensor] = None,
+    col_mask: Optional[Tensor] = None,
+) -> RetrievalTerm:
+    r"""Top-1 accuracy and mean softmax score of the positive, over the candidates :func:`info_nce` keeps.
+
+    With ``N(b)`` and the valid rows ``R`` exactly as in :func:`info_nce` (masked columns and false negatives,
+    the same item id as the row's positive, are not candidates; a row whose positive column is masked is
+    dropped):
+
+    ``accuracy       = (1/|R|) sum_{b in R} [ s_bb > max_{j in N(b), j != b} s_bj ]``
+    ``positive_score = (1/|R|) sum_{b in R} exp(s_bb/tau) / sum_{j in N(b)} exp(s_bj/tau)``
+
+    **Ties are misses**: a row is a hit only if its positive scores *strictly* above every other candidate,
+    so a collapsed modality (every score of a row bitwise equal) has accuracy 0, whatever the order of the
+    columns; a row whose only candidate is its positive is a hit. Accuracy is compared on the raw scores
+    (it does not depend on ``tau``).
+    ``positive_score`` is the per-modality score of OGM-GE (Peng et al., CVPR 2022): at chance (all scores of
+    a row equal) it is ``mean_b 1/|N(b)|``. Computed without autograd (the inputs are detached), in float32.
+    """
+    tau = positive("tau", tau)
+    batch = check_square("scores", scores)
+    check_item_ids(item_ids, batch)
+    check_mask("row_mask", row_mask, batch)
+    check_mask("col_mask", col_mask, batch)
+    scores = scores.detach().float()
+    eye = torch.eye(batch, dtype=torch.bool, device=scores.device)
+    rows, scores = candidate_logits(scores, item_ids, row_mask, col_mask)  # the candidates info_nce keeps
+    positive_scores = scores.diagonal()
+    hits = positive_scores > scores.masked_fill(eye, float("-inf")).amax(dim=1)
+    logits = scores / tau
+    probabilities = (logits.diagonal() - torch.logsumexp(logits, dim=1)).exp()
+    count = rows.sum()
+    denominator = count.clamp_min(1).float()
+    accuracy = (hits & rows).sum().float() / denominator
+    positive_score = probabilities.masked_fill(~rows, 0.0).sum() / denominator
+    return RetrievalTerm(accuracy, positive_score, count)
 
 
 def modality_gradient_norms(
     loss: Tensor, text: Sequence[Tensor], image: Sequence[Tensor]
 ) -> Tuple[Tensor, Tensor]:
     """``(||dloss/dE^T||, ||dloss/dE^V||)``: Frobenius norms over all tensors of each modality.
+
+    **Under plain InfoNCE of unit-norm embeddings the two norms are equal** (docs/design.md#diagnostics).
+    When the loss depends on the embeddings only through the fused ``f = normalize(a + b)``, with
+    ``a = normalize(t)`` and ``b = normalize(v)``, the gradient ``g`` reaching ``z = a + b`` is orthogonal
+    to ``f``, hence to ``a + b``, so ``a.g = -b.g``. The sum hands the same ``g`` to both branches and each
+    normalisation projects it off its own unit vector, so for unit ``t``, ``v``:
+    ``||dL/dt||^2 = ||g||^2 - (a.g)^2 = ||g||^2 - (b.g)^2 = ||dL/dv||^2``, for every row with both
+    modalities, whatever either modality has learned (inputs of other norms divide each row's gradient by
+    that norm). Only terms on the per-modality scores (WPCL with ``beta > 0``, CRTR) move the ratio away
+    from 1; the ratio of :func:`in_batch_retrieval`'s ``positive_score`` is an imbalance measure that is
+    not 1 by construction.
 
     Uses ``torch.autograd.grad(retain_graph=True)``, so ``loss.backward()`` still works afterwards.
     autograd only walks the part of the graph between ``loss`` and the given tensors, which for
@@ -47,13 +114,19 @@ class WeakModalityDetector(nn.Module):
       (``None``: no valid row in the batch) leaves its EMA alone. The decision is only revised once both
       EMAs have been observed.
     * ``criterion="grad"``: ``w = argmin_m ||dL_CL/dE^m||``, from the norms passed to :meth:`update`
-      (see :func:`modality_gradient_norms`).
+      (see :func:`modality_gradient_norms`; under plain InfoNCE of unit-norm embeddings the two norms
+      are equal in exact arithmetic, so this decision is rounding). The EMA still follows the losses.
+    * ``criterion="accuracy"``: ``w = argmin_m EMA(acc^m)``, the EMA as above but of the in-batch top-1
+      accuracy of each modality's detached scores (:func:`in_batch_retrieval`, ties are misses). A collapsed
+      modality scores 0 and is weak, whereas ``loss`` calls it strong whenever the other modality's loss is
+      above ``ln B`` (sharp, partly wrong scores). The decision is revised only once both EMAs exist.
 
     Ties, and the state before any evidence, go to ``"image"``: the modality that usually collapses
-    (docs/design.md#background). ``weak_counts[m]`` counts the updates after which ``m`` was weak.
+    (docs/design.md#background). ``weak_counts[m]`` counts the updates after which ``m`` was weak. ``ema``
+    holds losses (``loss``, ``grad``) or accuracies (``accuracy``).
 
     Args:
-        criterion: ``"loss"`` (default) or ``"grad"``.
+        criterion: ``"loss"`` (default), ``"grad"`` or ``"accuracy"``.
         momentum: EMA momentum in [0, 1) (default 0.9).
     """
 
@@ -90,12 +163,16 @@ class WeakModalityDetector(nn.Module):
         loss_image=None,
         grad_text=None,
         grad_image=None,
+        accuracy_text=None,
+        accuracy_image=None,
     ) -> str:
-        """Record one step and return the weak modality. Values are floats or 0-d tensors (detached here)."""
-        for index, loss in enumerate((loss_text, loss_image)):
-            if loss is None:
+        """Record one step and return the weak modality. Values are floats or 0-d tensors (detached here);
+        ``None`` means the modality had no valid row in this batch."""
+        tracked = (accuracy_text, accuracy_image) if self.criterion == "accuracy" else (loss_text, loss_image)
+        for index, observed in enumerate(tracked):
+            if observed is None:
                 continue
-            value = torch.as_tensor(loss, dtype=self.ema.dtype, device=self.ema.device)
+            value = torch.as_tensor(observed, dtype=self.ema.dtype, device=self.ema.device)
             if self.seen[index]:
                 self.ema[index] = self.momentum * self.ema[index] + (1 - self.momentum) * value
             else:
@@ -104,6 +181,9 @@ class WeakModalityDetector(nn.Module):
         if self.criterion == "loss":
             if bool(self.seen.all()):
                 self.weak_index.fill_(0 if bool(self.ema[0] > self.ema[1]) else 1)
+        elif self.criterion == "accuracy":
+            if bool(self.seen.all()):
+                self.weak_index.fill_(0 if bool(self.ema[0] < self.ema[1]) else 1)
         else:
             if grad_text is None or grad_image is None:
                 raise ValueError("criterion='grad' needs both grad_text and grad_image")

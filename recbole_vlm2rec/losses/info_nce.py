@@ -2,7 +2,7 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,18 @@ def cosine_scores(user: Tensor, item: Tensor) -> Tensor:
     return F.normalize(user.float(), dim=-1) @ F.normalize(item.float(), dim=-1).T
 
 
-def in_batch_cross_entropy(
+def candidate_logits(
     logits: Tensor,
     item_ids: Optional[Tensor],
     row_mask: Optional[Tensor],
     col_mask: Optional[Tensor],
-) -> LossTerm:
-    """Mean over valid rows of ``logsumexp_{j kept} logits[b, j] - logits[b, b]``."""
+) -> Tuple[Tensor, Tensor]:
+    """The in-batch candidate sets: ``(rows [B] bool, logits with non-candidates at -inf)``.
+
+    A row is valid when it is kept by ``row_mask`` and its own positive column by ``col_mask``. Column ``j``
+    is a candidate of row ``b`` when it exists (``col_mask``) and, for ``j != b``, holds another item than
+    the row's positive (``item_ids``: the same item again is a false negative). Invalid rows are zeros.
+    """
     batch = logits.shape[0]
     eye = torch.eye(batch, dtype=torch.bool, device=logits.device)
     rows = torch.ones(batch, dtype=torch.bool, device=logits.device)
@@ -50,7 +55,17 @@ def in_batch_cross_entropy(
     excluded = excluded & ~eye
     # Invalid rows are overwritten (not multiplied) with zeros: masked_fill passes a zero gradient back
     # even where the original score was inf or NaN, whereas 0 * NaN would still be NaN.
-    logits = logits.masked_fill(~rows[:, None], 0.0).masked_fill(excluded, float("-inf"))
+    return rows, logits.masked_fill(~rows[:, None], 0.0).masked_fill(excluded, float("-inf"))
+
+
+def in_batch_cross_entropy(
+    logits: Tensor,
+    item_ids: Optional[Tensor],
+    row_mask: Optional[Tensor],
+    col_mask: Optional[Tensor],
+) -> LossTerm:
+    """Mean over valid rows of ``logsumexp_{j kept} logits[b, j] - logits[b, b]``."""
+    rows, logits = candidate_logits(logits, item_ids, row_mask, col_mask)
     per_row = torch.logsumexp(logits, dim=1) - logits.diagonal()
     count = rows.sum()
     value = per_row.masked_fill(~rows, 0.0).sum() / count.clamp_min(1)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from recbole_vlm2rec.checks import non_negative, choice
 from recbole_vlm2rec.fusion import fuse, masked_normalize
 from .crtr import CRTRLoss
-from .detector import WeakModalityDetector, modality_gradient_norms
+from .detector import WeakModalityDetector, in_batch_retrieval, modality_gradient_norms
 from .info_nce import info_nce
 from .wpcl import WPCLLoss
 from .inputs import check_mask, check_item_ids, check_embeddings
@@ -29,8 +29,15 @@ class ObjectiveOutput:
     that RecBole logs the weighted term. ``loss_text``/``loss_image``: detached per-modality InfoNCE
     (``None`` when the modality is absent or no row had it). ``weak``: the modality penalised in this
     batch, ``None`` with a single modality. ``grad_norm_ratio``: ``||dL/dE^T|| / ||dL/dE^V||`` for
-    ``L = wpcl + crtr_weight * crtr``, when asked for and both modalities exist. ``fused_user``,
-    ``fused_item``: the L2-normalised fused embeddings (float32).
+    ``L = wpcl + crtr_weight * crtr``, when asked for and both modalities exist; it is exactly 1 for plain
+    fused InfoNCE (``beta = 0``, no CRTR) of unit-norm embeddings, whatever each modality has learned (see
+    :func:`modality_gradient_norms`). ``fused_user``, ``fused_item``: the L2-normalised fused embeddings
+    (float32). ``accuracy_text``/``accuracy_image``: detached in-batch top-1 accuracy of each modality's
+    scores, on the support of ``loss_text``/``loss_image`` (``None`` where those are; ties are misses, see
+    :func:`in_batch_retrieval`). ``positive_score_ratio``: ``P^T / P^V``, ``P^m`` the mean over rows of
+    the softmax of ``s^m/tau`` at the positive (OGM-GE's per-modality score), on the same support; ``None``
+    unless both modalities reported. Not 1 by construction: > 1 when the text retrieves better (a
+    collapsed image has ``P^V`` at chance, ``1/B``).
     """
 
     wpcl: Tensor
@@ -41,6 +48,9 @@ class ObjectiveOutput:
     grad_norm_ratio: Optional[Tensor]
     fused_user: Tensor
     fused_item: Tensor
+    accuracy_text: Optional[Tensor] = None
+    accuracy_image: Optional[Tensor] = None
+    positive_score_ratio: Optional[Tensor] = None
 
 
 class VLM2RecObjective(nn.Module):
@@ -53,9 +63,11 @@ class VLM2RecObjective(nn.Module):
 
     1. ``L^T``, ``L^V`` = InfoNCE on detached ``s^T``, ``s^V``, both on the same support: the users and
        items that have both modalities, so that neither looks weaker merely for having more negatives.
-    2. In training mode, the detector is updated (``loss``: from ``L^T``, ``L^V``; ``grad``: from the
-       gradient norms of fused InfoNCE ``L_CL`` w.r.t. each modality's input embeddings). Evaluation
-       mode leaves its state alone and uses the current decision.
+       On the same support, detached: each modality's top-1 accuracy and mean softmax score of the positive
+       (``positive_score_ratio``), see :func:`in_batch_retrieval`.
+    2. In training mode, the detector is updated (``loss``: from ``L^T``, ``L^V``; ``accuracy``: from the
+       accuracies; ``grad``: from the gradient norms of fused InfoNCE ``L_CL`` w.r.t. each modality's input
+       embeddings). Evaluation mode leaves its state alone and uses the current decision.
     3. ``L_WPCL`` with the weak modality's scores (``beta = 0`` for users/items lacking it).
     4. ``L_CRTR`` over items, users, or both (``relation="both"`` sums the two terms, each a mean over its
        own valid rows).
@@ -69,9 +81,9 @@ class VLM2RecObjective(nn.Module):
         crtr_weight: ``lambda`` in ``L = L_WPCL + lambda * L_CRTR``, >= 0 (default 0.1); only used for
             ``grad_norm_ratio``, the returned ``crtr`` is unweighted.
         tau_r: CRTR relation temperature, > 0 (default 0.1).
-        criterion: weak-modality criterion, ``"loss"`` (default) or ``"grad"``.
+        criterion: weak-modality criterion, ``"loss"`` (default), ``"grad"`` or ``"accuracy"``.
         relation: CRTR relation, ``"item"`` (default), ``"user"`` or ``"both"``.
-        momentum: EMA momentum of the ``loss`` criterion, in [0, 1) (default 0.9).
+        momentum: EMA momentum of the ``loss`` and ``accuracy`` criteria, in [0, 1) (default 0.9).
         wpcl_form: ``"relative"`` (default) or ``"absolute"``, see :class:`WPCLLoss`.
     """
 
@@ -161,15 +173,30 @@ class VLM2RecObjective(nn.Module):
             name: _detached_info_nce(modality_scores, tau, item_ids, support_rows, support_cols)
             for name, modality_scores in (("text", text_scores), ("image", image_scores))
         }
+        # Same support and item ids as L^m, hence the same valid rows: skipped exactly where L^m is None
+        # (which spares another host sync to find out).
+        retrieval = {
+            name: None if detached[name] is None else in_batch_retrieval(
+                modality_scores, tau, item_ids, support_rows, support_cols
+            )
+            for name, modality_scores in (("text", text_scores), ("image", image_scores))
+        }
+        accuracies = {name: None if term is None else term.accuracy for name, term in retrieval.items()}
+        positive_ratio = None
+        if retrieval["text"] is not None and retrieval["image"] is not None:
+            positive_ratio = retrieval["text"].positive_score / retrieval["image"].positive_score
         if not (has_text and has_image):
             # Image-only data: a user or item without an image has no embedding at all, so it is masked.
             wpcl = info_nce(scores, tau, item_ids, support_rows, support_cols).value
             return ObjectiveOutput(
-                wpcl, scores.new_zeros(()), detached["text"], detached["image"], None, None, fused_u, fused_i
+                wpcl, scores.new_zeros(()), detached["text"], detached["image"], None, None, fused_u, fused_i,
+                accuracies["text"], accuracies["image"], None,
             )
 
         if self.training:
-            self._update_detector(detached, scores, item_ids, (user_text, item_text), (user_image, item_image))
+            self._update_detector(
+                detached, accuracies, scores, item_ids, (user_text, item_text), (user_image, item_image)
+            )
         weak = self.detector.weak
         if weak == "image":
             wpcl = self.wpcl_loss(
@@ -185,14 +212,20 @@ class VLM2RecObjective(nn.Module):
                 wpcl + self.crtr_weight * crtr, (user_text, item_text), (user_image, item_image)
             )
             ratio = norm_text / norm_image
-        return ObjectiveOutput(wpcl, crtr, detached["text"], detached["image"], weak, ratio, fused_u, fused_i)
+        return ObjectiveOutput(
+            wpcl, crtr, detached["text"], detached["image"], weak, ratio, fused_u, fused_i,
+            accuracies["text"], accuracies["image"], positive_ratio,
+        )
 
-    def _update_detector(self, detached, scores, item_ids, text_inputs, image_inputs) -> None:
+    def _update_detector(self, detached, accuracies, scores, item_ids, text_inputs, image_inputs) -> None:
         grads = {}
         if self.detector.criterion == "grad":
             plain = info_nce(scores, self.wpcl_loss.tau, item_ids).value
             grads["grad_text"], grads["grad_image"] = modality_gradient_norms(plain, text_inputs, image_inputs)
-        self.detector.update(detached["text"], detached["image"], **grads)
+        self.detector.update(
+            detached["text"], detached["image"],
+            accuracy_text=accuracies["text"], accuracy_image=accuracies["image"], **grads,
+        )
 
     def _crtr(self, users, items) -> Tensor:
         """CRTR over items, users or both; each side is ``(text, image, image_mask)`` (normalised rows)."""

@@ -166,7 +166,8 @@ class VLM2Rec(SequentialRecommender):
         )
         if self.training:
             self.diagnostics.update(
-                loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio
+                loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio,
+                positive_score_ratio=out.positive_score_ratio,
             )
         if not torch.isfinite(out.wpcl) or not torch.isfinite(out.crtr):
             raise FloatingPointError(

@@ -274,7 +274,8 @@ class VLM2RecSASRec(SASRec):
             grad_norm_ratio=self.grad_norm_diagnostics,
         )
         self.diagnostics.update(
-            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio
+            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio,
+            positive_score_ratio=out.positive_score_ratio,
         )
         return out.wpcl, out.crtr
 
