@@ -4,8 +4,8 @@ The exact item strings and image paths come from the ``<dataset>.text.jsonl`` si
 writes beside the atomic files (RecBole's ``token_seq`` fields lose the exact strings). After RecBole has
 remapped ids, ``item_texts[i]`` and ``item_images[i]`` belong to the internal item id ``i`` (0 is padding).
 
-Items without text keep an empty string (the prompt still encodes), items without an image (none given, or
-the file is missing) get ``None``: both are counted and logged, never dropped. A dataset with neither text
+Items without text keep an empty string (the encoder masks their text branch: a zero row), items without an
+image (none given, or the file is missing) get ``None``: both are counted and logged, never dropped. A dataset with neither text
 nor images for any item is an error; one without any image runs text-only (and the reverse), as logged.
 """
 from __future__ import annotations
