@@ -177,7 +177,8 @@ PIP_NAMES = {"faiss": "faiss-cpu", "torch_scatter": "torch-scatter", "community"
 # imports in a model file that only one setting's value needs: (model, import) -> (setting, needs it?, wording)
 CONDITIONAL_IMPORTS = {
     ("NNCF", "community"): ("neigh_info_method", lambda value: value == "louvain", "neigh_info_method: louvain"),
-    ("LDiffRec", "kmeans_pytorch"): ("n_cate", lambda value: value is not None and int(value) > 1, "n_cate > 1"),
+    ("LDiffRec", "kmeans_pytorch"): ("n_cate", lambda value: isinstance(value, (int, float)) and value > 1,
+                                     "n_cate > 1"),
 }
 
 
@@ -227,7 +228,7 @@ def _source_facts(path: str) -> Tuple[frozenset, Tuple[str, ...], Tuple[str, ...
     """(class names, modules imported at any depth, modules imported at module level) of a source file."""
     import warnings
 
-    with warnings.catch_warnings():  # RecBole's docstrings hold invalid escapes ('\\p')
+    with warnings.catch_warnings():  # RecBole's docstrings hold invalid escapes ('\p')
         warnings.simplefilter("ignore", SyntaxWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         tree = ast.parse(Path(path).read_text(encoding="utf-8"))
@@ -265,17 +266,22 @@ def _required_imports(name: str) -> Dict[str, Optional[str]]:
     return needed
 
 
+def is_installed(top_level_module: str) -> bool:
+    """Whether ``import <top_level_module>`` can find the package (without importing it)."""
+    import importlib.util
+
+    return top_level_module in sys.modules or importlib.util.find_spec(top_level_module) is not None
+
+
 def missing_packages(name: str, config=None) -> Tuple[str, ...]:
     """Import names of the optional packages that RecBole's model ``name`` needs and that are not installed
     (empty for a plugin model, an unknown name, or when nothing is missing). An import that only a setting's
     value needs (``CONDITIONAL_IMPORTS``) counts only when ``config`` (a Config or dict) has that value."""
-    import importlib.util
-
     if name in _plugin_models:
         return ()
     missing = []
     for top in _required_imports(name):
-        if top == "recbole" or top in sys.modules or importlib.util.find_spec(top) is not None:
+        if top == "recbole" or is_installed(top):
             continue
         conditional = CONDITIONAL_IMPORTS.get((name, top))
         if conditional is not None:

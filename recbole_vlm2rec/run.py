@@ -122,11 +122,14 @@ def _time_validation(trainer) -> list:
 
 
 def _result(config, built: dict, measured: dict) -> dict:
+    import torch
+
     from recbole_vlm2rec.registry import model_outputs
 
     model, trainer = built["model"], built["trainer"]
     export_paths = getattr(trainer, "export_paths", None)
     export_dir = _export_dir(export_paths)
+    parameters = list(model.parameters()) if isinstance(model, torch.nn.Module) else None
     return {
         "best_valid_score": measured["best_valid_score"],
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -139,8 +142,9 @@ def _result(config, built: dict, measured: dict) -> dict:
         "train_time_s": measured["train_time_s"],
         "valid_time_s": measured["valid_time_s"],
         "eval_time_s": measured["eval_time_s"],
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        # LightGBM / XGBoost models are not torch modules: they have no parameter count
+        "params": sum(p.numel() for p in parameters) if parameters is not None else None,
+        "trainable_params": sum(p.numel() for p in parameters if p.requires_grad) if parameters is not None else None,
         "flops": built["flops"],
         "modality_results": getattr(trainer, "modality_results", None),
         "export_paths": export_paths,

@@ -108,3 +108,89 @@ def test_torch_num_threads_key_sets_cpu_threads(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ models that need an optional package
+def _pretend_missing(monkeypatch, *packages, installed=()):
+    """Make the registry see ``packages`` as not installed and ``installed`` as installed, whatever this
+    machine has."""
+    from recbole_vlm2rec import registry
+
+    real = getattr(registry.is_installed, "real", registry.is_installed)
+
+    def is_installed(name):
+        return name in installed or (name not in packages and real(name))
+
+    is_installed.real = real
+    monkeypatch.setattr(registry, "is_installed", is_installed)
+
+
+@pytest.mark.parametrize("model, package, pip", [("NCL", "faiss", "faiss-cpu"), ("KGAT", "dgl", "dgl"),
+                                                 ("KGIN", "torch_scatter", "torch-scatter"),
+                                                 ("MCCLK", "torch_scatter", "torch-scatter")])
+def test_model_that_needs_a_missing_package_names_it_and_its_pip_command(monkeypatch, model, package, pip):
+    from recbole_vlm2rec.registry import MissingPackageError, UnknownModelError, check_model_name
+
+    _pretend_missing(monkeypatch, package)
+    for lookup in (check_model_name, get_model):  # the command's check, RecBole's (wrapped) get_model
+        with pytest.raises(MissingPackageError) as error:
+            lookup(model)
+        message = str(error.value)
+        assert isinstance(error.value, UnknownModelError)  # reported like a bad model name: exit 2
+        assert message == (f"model '{model}' needs the optional package {package}, not installed here: "
+                           f"pip install {pip}")
+        assert "unknown" not in message and "\n" not in message
+
+
+def test_exlib_models_name_both_packages_recbole_imports_for_them(monkeypatch):
+    """RecBole's exlib_recommender/__init__.py imports lightgbm and xgboost for both its models: RecBole then
+    says "No module named 'lightgbm'" even for XGBoost, and for every name it does not know."""
+    from recbole_vlm2rec.registry import MissingPackageError, check_model_name
+
+    _pretend_missing(monkeypatch, "lightgbm", "xgboost")
+    with pytest.raises(MissingPackageError, match=r"^model 'XGBoost' needs the optional packages xgboost and "
+                       r"lightgbm, not installed here \(lightgbm: RecBole's exlib_recommender package imports "
+                       r"it\): pip install xgboost lightgbm$"):
+        check_model_name("XGBoost")
+    _pretend_missing(monkeypatch, "lightgbm", installed=("xgboost",))  # XGBoost still needs lightgbm
+    with pytest.raises(MissingPackageError, match=r"needs the optional package lightgbm,.*pip install lightgbm$"):
+        check_model_name("XGBoost")
+    with pytest.raises(ValueError, match=r"^unknown model 'lightgbm'"):  # names are case-sensitive
+        check_model_name("lightgbm")
+
+
+def test_installed_packages_are_not_reported(monkeypatch):
+    from recbole_vlm2rec import registry
+
+    monkeypatch.setattr(registry, "is_installed", lambda name: True)
+    for model in ("NCL", "KGAT", "KGIN", "MCCLK", "LightGBM", "XGBoost", "BPR", "SASRec"):
+        assert registry.missing_packages(model) == ()
+    assert registry.missing_packages("VLM2Rec") == () and registry.missing_packages("NoSuchModel") == ()
+
+
+def test_command_exits_2_with_one_line_for_a_model_that_needs_a_missing_package(monkeypatch, capsys):
+    from recbole_vlm2rec.cli import main
+
+    _pretend_missing(monkeypatch, "faiss")
+    assert main(["--model=NCL", "--dataset=tiny-all", f"--data_path={FIXTURES}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("run_recbole: error: model 'NCL' needs the optional package faiss, not installed here: "
+                     "pip install faiss-cpu")
+
+
+def test_setting_that_needs_a_missing_package_is_a_bad_setting(monkeypatch, capsys, tmp_path):
+    """NNCF needs python-louvain only with neigh_info_method: louvain; by default it runs without it."""
+    from recbole_vlm2rec.cli import main
+    from recbole_vlm2rec.registry import MissingPackageError, check_model_name
+
+    _pretend_missing(monkeypatch, "community")
+    check_model_name("NNCF")  # the default (knn) needs nothing
+    Config(model="NNCF", dataset="tiny-all", config_dict=dict(BASE, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(MissingPackageError, match="with neigh_info_method: louvain needs the optional package"):
+        Config(model="NNCF", dataset="tiny-all",
+               config_dict=dict(BASE, checkpoint_dir=str(tmp_path), neigh_info_method="louvain"))
+    assert main(["--model=NNCF", "--dataset=tiny-all", f"--data_path={FIXTURES}",
+                 "--neigh_info_method=louvain"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "run_recbole: error: model 'NNCF' with neigh_info_method: louvain needs the optional package community, "
+        "not installed here: pip install python-louvain")

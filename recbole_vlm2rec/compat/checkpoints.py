@@ -1,44 +1,8 @@
-"""Compatibility layer: RecBole 1.2.1 on numpy 2.x, torch >= 2.6 and today's Python stack.
+"""Safe loading of RecBole checkpoints (sections 3, 9 and 11 of ``recbole_vlm2rec.compat``).
 
-RecBole 1.2.1 (the latest release) was written for numpy 1.x and torch < 2.6. Every patch below is
-applied once, by ``apply()``, when ``recbole_vlm2rec`` is imported, and each one says why it exists.
-No RecBole file is edited: we only add missing names, wrap functions and swap module-level references.
-
-1. numpy aliases. numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` and ``np.bool8``, and
-   numpy 1.24 the builtin aliases ``np.float``, ``np.int``, ``np.object``, ``np.str``, ``np.complex``,
-   ``np.unicode``. RecBole uses the first three (every ``Config()`` breaks), ray 2.6.3 (imported by RecBole's
-   quick start) ``bool8``, and RecBole's metrics (NDCG: ``np.float``) the builtin ones, which RecBole's own
-   ``Config.compatibility_settings`` restores only when a ``Config`` is built: a reloaded model
-   (``load_data_and_model`` unpickles the Config) or a spawned worker has none. We add them all back, at
-   import, only where missing, as RecBole's ``compatibility_settings`` defines them.
-2. Autograd anomaly mode. ``recbole/model/sequential_recommender/sine.py`` calls
-   ``torch.autograd.set_detect_anomaly(True)`` at import time, and that module is imported by every
-   sequential model's lookup: training gets ~2.2x slower for every model (see benchmarks/recbole_overhead.py).
-   We import the package once and switch the flag back off.
-3. Checkpoint loading. torch >= 2.6 loads with ``weights_only=True`` by default, and RecBole's checkpoints
-   pickle its ``Config`` object (and the model class, a few enums, a yaml loader class), so reloading the best
-   model after ``fit``, ``resume_checkpoint`` and ``load_data_and_model`` all fail. We keep torch's protection
-   on: ``load_checkpoint`` lists the globals a checkpoint needs, allows exactly those RecBole's own checkpoints
-   hold (the allow-list below: a few named globals, classes (never functions) from RecBole, torch.nn and
-   scipy.sparse, and classes registered with this plugin), refuses anything else with ``UnsafeCheckpointError``. torch's weights-only unpickler cannot be used for this: it
-   rejects pickle protocol 4, which RecBole writes; so the same allow-list is enforced by a restricted
-   unpickler for that one call. RecBole's trainer module sees a ``torch`` whose ``load`` is
-   ``load_checkpoint``; ``torch.load``'s weights-only default stays on for the rest of the process.
-4. CE models and the default negative sampling. ``overall.yaml`` sets ``train_neg_sample_args`` to uniform
-   sampling, and ``Config`` then refuses every model with ``loss_type: CE`` (SASRec, BERT4Rec, ...) unless the
-   user writes ``train_neg_sample_args: ~``: ``run_recbole --model=SASRec`` fails out of the box. When the
-   loss is CE and the user set no ``train_neg_sample_args`` anywhere, we use ``None`` (no sampling), the only
-   value RecBole accepts there; a value the user sets is left for RecBole to judge.
-5. Noise on every run: ray 2.6.3 (imported by RecBole's quick start) imports ``pkg_resources``, whose
-   deprecation warning is silenced (``setuptools<81`` is pinned so that the module still exists); pandas 2.x
-   and torch warn about deprecated calls in RecBole's own code (in-place ``fillna`` on a column, a no-op only
-   from pandas 3, which is why ``pandas<3`` is pinned; ``Series.agg(len)``; ``torch.cuda.amp.GradScaler``):
-   FutureWarnings raised from RecBole's modules are silenced, ours and everyone else's stay visible.
-6. Checkpoint names. RecBole names a checkpoint ``<Model>-<time to the second>.pth``: two runs started in
-   the same second into one ``checkpoint_dir`` overwrite each other's file (and VLM2Rec's export folder).
-   Every ``Trainer`` gets a name with a random suffix that no file or folder has (``unique_checkpoint_path``).
-7. Metric values. Under numpy 2 RecBole's metrics are ``np.float64`` and its result lines print
-   ``np.float64(0.0421)``; the evaluator's results are turned into Python floats.
+``load_checkpoint`` is ``torch.load`` with a restricted unpickler whose allow-list is what RecBole's own
+checkpoints hold; RecBole's trainer and the models that read checkpoints themselves see a ``torch`` whose
+``load`` is it. A damaged file is a ``CorruptCheckpointError`` naming it.
 """
 from __future__ import annotations
 
@@ -46,35 +10,11 @@ import importlib
 import os
 import pickle
 import types
-import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 from recbole_vlm2rec.errors import DataError
-
-_APPLIED = False
-
-# --- 1. numpy aliases ------------------------------------------------------------------------------
-_NUMPY_ALIASES = {
-    "float_": "float64", "complex_": "complex128", "unicode_": "str_", "bool8": "bool_",
-    # RecBole's Config.compatibility_settings
-    "bool": "bool_", "int": "int_", "float": "float64", "complex": "complex128", "object": "object_",
-    "str": "str_", "long": "int_", "unicode": "str_",
-}
-
-
-def _add_numpy_aliases() -> None:
-    for old, new in _NUMPY_ALIASES.items():
-        if old not in np.__dict__:  # np.__getattr__ raises for removed names; look at the real namespace
-            setattr(np, old, getattr(np, new))
-
-
-# --- 2. anomaly mode -------------------------------------------------------------------------------
-def _undo_sine_anomaly_mode() -> None:
-    importlib.import_module("recbole.model.sequential_recommender")  # runs sine.py's side effect now
-    torch.autograd.set_detect_anomaly(False)
 
 
 # --- 3. safe checkpoint loading --------------------------------------------------------------------
@@ -261,86 +201,29 @@ def _install_safe_checkpoint_loading() -> None:
     recbole.quick_start.load_data_and_model = load_data_and_model
 
 
-# --- 4. CE models and default negative sampling ---------------------------------------------------
-def _default_no_sampling_for_ce_models() -> None:
-    from recbole.config.configurator import Config
-
-    original = Config._set_default_parameters
-
-    def _set_default_parameters(self):
-        final = self.final_config_dict
-        if final.get("loss_type") == "CE" and "train_neg_sample_args" not in self.external_config_dict:
-            final["train_neg_sample_args"] = None
-        original(self)
-
-    Config._set_default_parameters = _set_default_parameters
+# --- 9. checkpoints that models read themselves ----------------------------------------------------
+# RecBole 1.2.1 modules (besides the trainer and quick start, section 3) that call ``torch.load``
+MODEL_MODULES_LOADING_CHECKPOINTS = (
+    "recbole.model.sequential_recommender.s3rec",  # train_stage: finetune, pre_model_path
+    "recbole.model.general_recommender.convncf",  # train_method: after_pretrain, pre_model_path (a BPR's)
+    "recbole.model.general_recommender.nais",  # pretrain_path (a FISM's)
+    "recbole.model.general_recommender.ract",  # train_stage: critic_pretrain / finetune, pre_model_path
+    "recbole.model.general_recommender.neumf",  # use_pretrain, mf_pretrain_path, mlp_pretrain_path
+    "recbole.model.context_aware_recommender.kd_dagfm",  # phase: distillation / finetuning, warm_up
+)
 
 
-# --- 6. unique checkpoint names ------------------------------------------------------------------
-def unique_checkpoint_path(checkpoint_dir: str, model_name: str) -> str:
-    """``<checkpoint_dir>/<Model>-<local time>-<6 random hex>.pth``, a name no file or folder has yet.
-
-    RecBole names checkpoints by the second: two runs started together overwrite each other's checkpoint
-    (and VLM2Rec's export folder, named after it). Under torch.distributed every rank must use rank 0's
-    name (rank 0 saves, every rank reloads the best model), so it is broadcast.
-    """
-    import secrets
-
-    from recbole.utils import get_local_time
-
-    while True:
-        stem = f"{model_name}-{get_local_time()}-{secrets.token_hex(3)}"
-        path = os.path.join(checkpoint_dir, stem + ".pth")
-        if not os.path.exists(path) and not os.path.exists(os.path.join(checkpoint_dir, stem)):
-            break
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        shared = [path]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        path = shared[0]
-    return path
+def _install_safe_checkpoint_loading_in_models() -> None:
+    for module_name in MODEL_MODULES_LOADING_CHECKPOINTS:
+        importlib.import_module(module_name).torch = _TorchWithSafeCheckpointLoad()
 
 
-def _unique_checkpoint_names() -> None:
-    from recbole.trainer.trainer import Trainer
-
-    original = Trainer.__init__
-
-    def __init__(self, config, model):
-        original(self, config, model)
-        self.saved_model_file = unique_checkpoint_path(self.checkpoint_dir, config["model"])
-
-    Trainer.__init__ = __init__
-
-
-# --- 7. metric values as Python floats -----------------------------------------------------------
-def _metric_values_as_floats() -> None:
-    """numpy 2 prints ``np.float64(0.0421)`` where numpy 1 printed ``0.0421``: RecBole's result lines
-    (``test result: OrderedDict([('ndcg@10', np.float64(0.0421))])``) become hard to read and to parse."""
-    from recbole.evaluator.evaluator import Evaluator
-
-    original = Evaluator.evaluate
-
-    def evaluate(self, dataobject):
-        result = original(self, dataobject)
-        for key, value in result.items():
-            if isinstance(value, np.floating):
-                result[key] = float(value)
-        return result
-
-    Evaluator.evaluate = evaluate
-
-
-def apply() -> None:
-    """Apply every patch once (idempotent). Called on ``import recbole_vlm2rec``."""
-    global _APPLIED
-    if _APPLIED:
-        return
-    _add_numpy_aliases()
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
-    _undo_sine_anomaly_mode()
-    _default_no_sampling_for_ce_models()
-    _install_safe_checkpoint_loading()
-    _unique_checkpoint_names()
-    _metric_values_as_floats()
-    _APPLIED = True
+# --- 11. more of what RecBole checkpoints hold -----------------------------------------------------
+# Found by training every built-in model through ``run_recbole`` (tests/test_builtin_models.py): EASE keeps
+# its item-item matrix as a ``numpy.matrix``, RippleNet its ripple sets in a ``collections.defaultdict(list)``
+# (the factory ``list`` is pickled by name). Classes only, as the rest of the allow-list.
+_ALLOWED_CHECKPOINT_GLOBALS = _ALLOWED_CHECKPOINT_GLOBALS | {
+    "numpy.matrix",
+    "collections.defaultdict",
+    "builtins.list",
+}
