@@ -128,13 +128,14 @@ class _Recorder:
         self.inputs = None
 
         class Recording(ModalityDiagnostics):
-            def update(self, loss_text=None, loss_image=None, weak=None, grad_norm_ratio=None):
-                super().update(loss_text, loss_image, weak, grad_norm_ratio)
+            def update(self, loss_text=None, loss_image=None, weak=None, grad_norm_ratio=None,
+                       positive_score_ratio=None):
+                super().update(loss_text, loss_image, weak, grad_norm_ratio, positive_score_ratio)
                 recorder.rows.append({
                     "seed": recorder.seed, "setting": recorder.setting, "epoch": recorder.epoch,
                     "step": len(recorder.rows),
                     "loss_text": _f(loss_text), "loss_image": _f(loss_image), "weak": weak or "",
-                    "grad_ratio": _f(grad_norm_ratio),
+                    "grad_ratio": _f(grad_norm_ratio), "positive_score_ratio": _f(positive_score_ratio),
                 })
 
         model.diagnostics = Recording()
