@@ -23,7 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
+import uuid
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -213,20 +213,13 @@ def _check_finite(array: np.ndarray, where: str) -> None:
 
 
 def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    # A new file of its own beside the target (open()'s mode, like any file we write), renamed when complete.
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask

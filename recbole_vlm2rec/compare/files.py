@@ -1,8 +1,8 @@
 """The files of a comparison: atomic writes, tolerant reads, config-file hashes and run-log tails.
 
-Every result, request and table is written through a temporary file and a rename, so that a comparison
-killed at any moment leaves either the old file or the new one, never half of one (resumption trusts
-``result.json``).
+Every result, request and table is written through a temporary file and a rename (``dataset_tools.atomic``'s
+``atomic_path``, the project's one way of doing it), so that a comparison killed at any moment leaves either
+the old file or the new one, never half of one (resumption trusts ``result.json``).
 """
 from __future__ import annotations
 
@@ -13,33 +13,26 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-
-def _temporary_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+from dataset_tools.atomic import atomic_path
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
-    tmp = _temporary_beside(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(content, handle, indent=2, sort_keys=True, default=str)
         handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+        os.fsync(handle.fileno())  # resumption trusts result.json: on disk before the rename
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = _temporary_beside(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_csv_atomic(path: Path, fields: List[str], rows: List[dict]) -> None:
-    tmp = _temporary_beside(path)
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Optional[dict]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from dataset_tools.atomic import atomic_path
 from recbole_vlm2rec.compare.files import write_csv_atomic, write_text_atomic
 from recbole_vlm2rec.compare.plan import Plan, RunKey
 
@@ -234,8 +234,7 @@ def write_chart(plan: Plan, records: Records) -> Optional[Path]:
     axes.set_ylim(bottom=0)
     figure.tight_layout()
     path = plan.out / "results.png"
-    tmp = path.with_name(f".results.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
     return path
