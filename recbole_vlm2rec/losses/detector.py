@@ -12,7 +12,7 @@ from recbole_vlm2rec.checks import choice, positive, real
 from recbole_vlm2rec.fusion import MODALITIES
 
 from .info_nce import candidate_logits
-from .inputs import check_item_ids, check_mask, check_square
+from .inputs import check_score_inputs
 
 CRITERIA = ("loss", "grad", "accuracy")
 
@@ -51,10 +51,7 @@ def in_batch_retrieval(
     a row equal) it is ``mean_b 1/|N(b)|``. Computed without autograd (the inputs are detached), in float32.
     """
     tau = positive("tau", tau)
-    batch = check_square("scores", scores)
-    check_item_ids(item_ids, batch)
-    check_mask("row_mask", row_mask, batch)
-    check_mask("col_mask", col_mask, batch)
+    batch = check_score_inputs(scores, item_ids, row_mask, col_mask)
     scores = scores.detach().float()
     eye = torch.eye(batch, dtype=torch.bool, device=scores.device)
     rows, scores = candidate_logits(scores, item_ids, row_mask, col_mask)  # the candidates info_nce keeps

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recbole_vlm2rec.checks import positive
-from .inputs import check_square, check_mask, check_item_ids, check_embeddings
+from .inputs import check_embeddings, check_mask, check_score_inputs
 
 class LossTerm(NamedTuple):
     """A loss value and the number of rows that contributed to it (0: skipped, ``value`` is a zero)."""
@@ -94,10 +94,7 @@ def info_nce(
         col_mask: optional bool ``[B]``, columns that exist as candidates.
     """
     tau = positive("tau", tau)
-    batch = check_square("scores", scores)
-    check_item_ids(item_ids, batch)
-    check_mask("row_mask", row_mask, batch)
-    check_mask("col_mask", col_mask, batch)
+    check_score_inputs(scores, item_ids, row_mask, col_mask)
     return in_batch_cross_entropy(scores.float() / tau, item_ids, row_mask, col_mask)
 
 

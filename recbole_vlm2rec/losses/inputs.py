@@ -37,3 +37,13 @@ def check_embeddings(name: str, embeddings: Tensor, batch: Optional[int] = None)
     if batch is not None and embeddings.shape[0] != batch:
         raise ValueError(f"{name} has {embeddings.shape[0]} rows, expected B={batch}")
     return embeddings.shape[0]
+
+
+def check_score_inputs(scores: Tensor, item_ids: Optional[Tensor], row_mask: Optional[Tensor],
+                       col_mask: Optional[Tensor]) -> int:
+    """The checks of an in-batch score matrix with its optional item ids and masks; returns ``B``."""
+    batch = check_square("scores", scores)
+    check_item_ids(item_ids, batch)
+    check_mask("row_mask", row_mask, batch)
+    check_mask("col_mask", col_mask, batch)
+    return batch
