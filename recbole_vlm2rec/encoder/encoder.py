@@ -214,7 +214,7 @@ class VLMEncoder(torch.nn.Module):
         fusion and :meth:`weights_version` are unchanged; ``cache=False`` encodes afresh and keeps nothing.
         """
         check_catalog(item_texts, item_images, fusion)
-        key = (catalog_digest(item_texts, item_images), fusion, self.weights_version())
+        key = self._catalog_key(item_texts, item_images, fusion)
         if cache and self._catalog_cache is not None and self._catalog_cache[0] == key:
             return dict(self._catalog_cache[1])
         result = encode_in_length_order(self, item_texts, item_images, batch_size, progress, fusion)
@@ -224,8 +224,11 @@ class VLMEncoder(torch.nn.Module):
 
     def catalog_is_cached(self, item_texts: Sequence[str], item_images: Sequence, fusion: str = "external") -> bool:
         """Whether :meth:`encode_catalog` would return the kept result without encoding."""
-        key = (catalog_digest(item_texts, item_images), fusion, self.weights_version())
-        return self._catalog_cache is not None and self._catalog_cache[0] == key
+        return self._catalog_cache is not None and self._catalog_cache[0] == self._catalog_key(
+            item_texts, item_images, fusion)
+
+    def _catalog_key(self, item_texts, item_images, fusion: str) -> tuple:
+        return (catalog_digest(item_texts, item_images), fusion, self.weights_version())
 
     @torch.no_grad()
     def warm_vision_cache(self, images: Sequence, batch_size: int = 64, progress: bool = True) -> dict:
@@ -322,11 +325,11 @@ class VLMEncoder(torch.nn.Module):
 
     def _scatter_rows(self, values: Optional[torch.Tensor], rows: list, n: int):
         device = self.device
+        if rows and len(rows) == n:  # every row present: nothing to scatter
+            return values, torch.ones(n, dtype=torch.bool, device=device)
         mask = torch.zeros(n, dtype=torch.bool, device=device)
         full = torch.zeros(n, self.hidden_size, dtype=torch.float32, device=device)
         if rows:
-            if len(rows) == n:  # every row present: no copy
-                return values, torch.ones(n, dtype=torch.bool, device=device)
             # Built on the CPU and copied without blocking: a blocking copy would wait for the GPU queue.
             index = torch.tensor(rows).to(device, non_blocking=True)
             mask[index] = True

@@ -258,8 +258,8 @@ class VLM2Rec(SequentialRecommender):
         users = self._user_vectors(interaction, score_mode)
         item_ids = interaction[self.ITEM_ID]
         unique_items, inverse = torch.unique(item_ids, return_inverse=True)
-        cached = self.encoder.catalog_is_cached(self.item_texts, self.item_images, self.fusion)
-        if not cached and unique_items.numel() <= self.item_encode_batch_size:
+        few = unique_items.numel() <= self.item_encode_batch_size  # checked first: the cache lookup hashes the catalog
+        if few and not self.encoder.catalog_is_cached(self.item_texts, self.item_images, self.fusion):
             # a handful of items (RecBole's FLOPs count, a one-off call): no need to encode the whole catalog
             return (users * self._scored_as(self._encode_items(unique_items), score_mode)[inverse]).sum(-1)
         return (users * self._catalog_vectors(score_mode)[item_ids]).sum(-1)
