@@ -16,7 +16,8 @@ RecBole 1.2.1 has no plugin registry; it finds things by name:
 
 A ``torch_num_threads`` key (any model) sets torch's CPU threads when the Config is built, next to RecBole's
 own device set-up. Every Config's merged values are validated (``settings.validate_config``) before RecBole
-sets its defaults: a bad value is a ``ConfigError`` naming the key, the value and what is allowed.
+sets its defaults: a bad value is a ``ConfigError`` naming the key, the value and what is allowed; so is a
+setting that needs a package that is not installed (``check_packages_for_settings``).
 
 An unknown model name makes RecBole fail with "No module named 'lightgbm'" (the probe reaches the optional
 ``exlib_recommender`` package); ``get_model`` is wrapped to name the model and list the available ones. A
@@ -407,9 +408,11 @@ def install() -> None:
     def _set_default_parameters(self):
         # Every source is merged here and nothing is built yet; RecBole's own checks, which come next, raise
         # bare exceptions (or none: most values fail later, deep in a run). See recbole_vlm2rec/settings.py.
+        # Then the settings that make a RecBole model import a package that is not installed.
         from recbole_vlm2rec.settings import validate_config
 
         validate_config(self.final_config_dict, self.model)
+        check_packages_for_settings(self.model, self.final_config_dict)
         original_set_default_parameters(self)
 
     configurator.Config._set_default_parameters = _set_default_parameters

@@ -57,9 +57,9 @@ ones here.
    ``PretrainTrainer.save_pretrained_model``'s: config, state_dict, optimizer state, ...).
 10. Optional packages that a setting needs. NNCF imports python-louvain (``community``) only with
    ``neigh_info_method: louvain``, LDiffRec ``kmeans_pytorch`` only with ``n_cate > 1``: without the package
-   such a run fails after loading the data. When a Config is built with such a setting and the package is
-   missing, ``registry.MissingPackageError`` (a ``ConfigError``) names the setting, the package and its pip
-   command. Models that always need a package are refused by name (``registry``'s ``get_model``).
+   such a run fails after loading the data. Not a patch here: ``registry`` checks it with the other settings
+   when a Config is built (``registry.MissingPackageError``, a ``ConfigError``, names the setting, the package
+   and its pip command). Models that always need a package are refused by name (``registry``'s ``get_model``).
 11. More checkpoint globals: EASE's ``numpy.matrix``, RippleNet's ``collections.defaultdict(list)`` (found
    by running every built-in model through ``run_recbole``), added to section 3's allow-list.
 12. FLOPs. RecBole's quick start counts FLOPs with ``model.predict``, which GRU4RecCPR and SASRecCPR refuse
@@ -182,21 +182,6 @@ def _metric_values_as_floats() -> None:
     Evaluator.evaluate = evaluate
 
 
-# --- 10. settings that need an optional package ----------------------------------------------------
-def _check_optional_packages_of_settings() -> None:
-    from recbole.config.configurator import Config
-
-    original = Config._set_default_parameters
-
-    def _set_default_parameters(self):
-        from recbole_vlm2rec.registry import check_packages_for_settings
-
-        check_packages_for_settings(self.model, self.final_config_dict)
-        original(self)
-
-    Config._set_default_parameters = _set_default_parameters
-
-
 # --- 12. FLOPs of models that only score the whole catalog -----------------------------------------
 def _flops_without_predict() -> None:
     """RecBole's quick start counts FLOPs by running ``model.predict`` on one interaction; GRU4RecCPR and
@@ -255,7 +240,6 @@ def apply() -> None:
     _metric_values_as_floats()
     _vectorised_graph_adjacency()
     _install_safe_checkpoint_loading_in_models()
-    _check_optional_packages_of_settings()
     _flops_without_predict()
     _ksr_relation_matrix_dtype()
     _APPLIED = True
