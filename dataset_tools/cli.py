@@ -28,7 +28,7 @@ from .demo import DEMO_NAME, ensure_demo_dataset
 from .images import ImageOptions
 from .problems import FatalInputError, Problems
 from .sequences import convert_sequences
-from .synthetic import SyntheticSpec, build_synthetic, oracle_hit_rates
+from .synthetic import IMAGE_COLOURS, PATTERNS, THEMES, SyntheticSpec, build_synthetic, oracle_hit_rates
 
 EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130   # 2 (usage) is argparse's own exit
 
@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how strongly the next item follows the text attribute, 0..1 (default 1)")
     p.add_argument("--image-signal", type=_signal, default=1.0, metavar="Y",
                    help="how strongly the next item follows the image attribute, 0..1 (default 1)")
+    p.add_argument("--text-values", type=_positive_int, default=SyntheticSpec.text_values, metavar="N",
+                   help=f"how many scent themes are planted, 1..{len(THEMES)} (default {SyntheticSpec.text_values})")
+    p.add_argument("--image-values", type=_positive_int, default=SyntheticSpec.image_values, metavar="N",
+                   help=f"how many image patterns are planted, 1..{len(PATTERNS)} "
+                        f"(default {SyntheticSpec.image_values})")
+    p.add_argument("--image-colours", choices=IMAGE_COLOURS, default="random",
+                   help="random: both colours of a pattern random (which is darker is a coin flip); "
+                        "dark-on-light: the pattern always darker than its background (default random)")
     p.add_argument("--kcore", type=_non_negative_int, default=5, metavar="K", help="k-core (default 5)")
     _add_image_options(p, 128, "png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -168,7 +176,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         result = convert_amazon(job)
     elif args.command == "synthetic":
         spec = SyntheticSpec(seed=args.seed, items=args.items, users=args.users, text_signal=args.text_signal,
-                             image_signal=args.image_signal, image_size=args.image_size)
+                             image_signal=args.image_signal, image_size=args.image_size,
+                             text_values=args.text_values, image_values=args.image_values,
+                             image_colours=args.image_colours)
         try:
             spec.check()
         except ValueError as e:

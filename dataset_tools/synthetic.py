@@ -10,7 +10,10 @@ What is planted (the *latent attributes*, stored only in ``NAME.latent.json``):
   dots, rings, a cross or a triangle, drawn with a random period, phase and position in two random
   colours plus pixel noise. Colour says nothing about the attribute, so a randomly initialised
   vision model (which separates flat colours well, docs/design.md#synthetic) does not get it for free:
-  shape and texture have to be learned.
+  shape and texture have to be learned. With ``image_colours="random"`` (the default, the demo's) which of
+  the two colours is the darker is a coin flip, so a pattern and its negative look alike to linear patch
+  features; ``"dark-on-light"`` fixes that polarity (hues stay random), which is what lets the tiny vision
+  tower of ``benchmarks/modality_collapse.py`` learn the pattern on CPU.
 
 Users: each has two interests, each a (theme, pattern) pair; a sequence stays with its current
 interest (switching with probability :data:`SWITCH`), and each next item is drawn among the items not
@@ -60,6 +63,7 @@ _BRANDS = ("Aurelia", "Bloomwell", "Corbelle", "Dewline", "Everglow", "Fernhill"
 _REVIEW_WORDS = ("Love it.", "Works well.", "Nice texture.", "Would buy again.", "Smells great.",
                  "A bit pricey.", "Lasts long.", "My favourite.")
 
+IMAGE_COLOURS = ("random", "dark-on-light")
 SHARPNESS = 4.0        # how peaked the choice of the next item is around the current interest
 SWITCH = 0.25          # probability of switching to the user's other interest at each step
 _T0_MS = 1_577_836_800_000   # 2020-01-01, start of the review clock (milliseconds, as in 2023 files)
@@ -75,6 +79,7 @@ class SyntheticSpec:
     image_size: int = 128            # generated (and stored) image side in pixels
     text_values: int = 6             # how many themes are used (at most len(THEMES))
     image_values: int = 6            # how many patterns are used (at most len(PATTERNS))
+    image_colours: str = "random"    # random | dark-on-light (see _two_colours)
     min_history: int = 5
     max_history: int = 20
 
@@ -87,6 +92,8 @@ class SyntheticSpec:
         if not 1 <= self.min_history <= self.max_history < self.items:
             raise ValueError(f"the catalog needs more items ({self.items}) than the longest history "
                              f"({self.max_history}), and 1 <= min_history <= max_history")
+        if self.image_colours not in IMAGE_COLOURS:
+            raise ValueError(f"image_colours must be one of {list(IMAGE_COLOURS)}, got {self.image_colours!r}")
         if not (0 <= self.text_signal <= 1 and 0 <= self.image_signal <= 1):
             raise ValueError("text_signal and image_signal must be in [0, 1]")
 
@@ -97,8 +104,14 @@ def _rng(seed: int, purpose: int, index: int = 0) -> np.random.Generator:
 
 # ------------------------------------------------------------------------------------------- images
 
-def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random background and foreground colours, far enough apart for the pattern to stay visible."""
+def _two_colours(rng: np.random.Generator, colours: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Background and foreground colours, far enough apart for the pattern to stay visible.
+
+    ``random``: both uniform in RGB, so which one is brighter is a coin flip; ``dark-on-light``: random hues
+    too, but the pattern is always darker than its background (a fixed polarity, as print on paper).
+    """
+    if colours == "dark-on-light":
+        return rng.uniform(170, 255, 3), rng.uniform(0, 85, 3)
     bg = rng.uniform(0, 255, 3)
     while True:
         fg = rng.uniform(0, 255, 3)
@@ -106,7 +119,7 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return bg, fg
 
 
-def draw_pattern(pattern: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def draw_pattern(pattern: int, size: int, rng: np.random.Generator, colours: str = "random") -> np.ndarray:
     """An RGB uint8 image of pattern ``PATTERNS[pattern]`` with random geometry and colours."""
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
     period = rng.uniform(0.14, 0.24)
@@ -138,7 +151,7 @@ def draw_pattern(pattern: int, size: int, rng: np.random.Generator) -> np.ndarra
         half_base = rng.uniform(0.3, 0.42)
         width_at_y = (yy - top) / h * half_base
         mask = (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= width_at_y)
-    bg, fg = _two_colours(rng)
+    bg, fg = _two_colours(rng, colours)
     img = np.where(mask[..., None], fg, bg) + rng.normal(0, 10, (size, size, 3))
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
@@ -170,7 +183,7 @@ def generate_raw(raw_dir: pathlib.Path, spec: SyntheticSpec, progress: bool = Tr
         brand = _BRANDS[r.integers(len(_BRANDS))]
         image_file = f"images/{item_ids[k]}.png"
         with atomic_path(raw_dir / image_file) as tmp:
-            Image.fromarray(draw_pattern(int(pattern[k]), spec.image_size, r)).save(tmp, format="PNG")
+            Image.fromarray(draw_pattern(int(pattern[k]), spec.image_size, r, spec.image_colours)).save(tmp, format="PNG")
         meta.append({
             "main_category": "All Beauty",
             # The scent family is named in the title, as real catalogs do ("Floral Rose Lip Balm"): the text

@@ -179,3 +179,27 @@ def test_from_sequences_on_amazon_beauty(tmp_path):
     stats = json.loads((tmp_path / "beauty" / "beauty.stats.json").read_text())
     assert (stats["users"], stats["items"], stats["interactions"]) == (22363, 12101, 198502)
     assert stats["problems"] == {}
+
+
+def test_dark_on_light_patterns_keep_their_polarity_and_random_is_unchanged():
+    """dark-on-light: every pattern pixel darker than every background pixel (noise aside); the default
+    (random) draws exactly what it drew before the option existed, so vlm2rec-demo keeps its bytes."""
+    for pattern in range(len(PATTERNS)):
+        rng = np.random.default_rng([4, pattern])
+        img = draw_pattern(pattern, 48, rng, colours="dark-on-light").astype(float).mean(axis=2)
+        dark, light = img[img < 127.5], img[img >= 127.5]
+        assert dark.size and light.size and dark.max() < 110 and light.min() > 140
+    a = draw_pattern(3, 32, np.random.default_rng(9))
+    b = draw_pattern(3, 32, np.random.default_rng(9), colours="random")
+    assert (a == b).all()
+    with pytest.raises(ValueError, match="image_colours must be one of"):
+        SyntheticSpec(image_colours="pastel").check()
+
+
+def test_synthetic_cli_passes_the_attribute_options(tmp_path):
+    assert main(["synthetic", "--out", str(tmp_path), "--dataset", "syn", "--seed", "3", "--items", "60",
+                 "--users", "80", "--image-size", "24", "--kcore", "2", "--text-values", "3", "--image-values", "2",
+                 "--image-colours", "dark-on-light", "--no-progress"]) == 0
+    latent = read_latent(tmp_path / "syn", "syn")
+    assert latent["spec"]["image_colours"] == "dark-on-light"
+    assert len(latent["text_attribute"]["values"]) == 3 and len(latent["image_attribute"]["values"]) == 2
