@@ -1,7 +1,8 @@
 """Modality-collapse diagnostics (docs/design.md#diagnostics).
 
 :class:`ModalityDiagnostics` turns the per-step values of the objective (``L^T``, ``L^V``, the weak
-modality, the gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||``, the positive-score ratio ``P^T / P^V``)
+modality, the gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||``, the positive-score ratio ``P^T / P^V``,
+the in-batch top-1 accuracy of each modality's scores)
 into per-epoch means for the log, and
 :func:`modality_dropout_table` lays out text-only / image-only / fused evaluation side by side: the
 modality-dropout test that shows a collapsed modality as a column of near-random metrics.
@@ -17,6 +18,9 @@ from typing import Dict, Mapping, Optional
 from recbole_vlm2rec.fusion import MODALITIES as _MODALITIES
 
 __all__ = ["ModalityDiagnostics", "modality_dropout_table"]
+
+
+_QUANTITIES = ("loss_text", "loss_image", "grad_norm_ratio", "positive_score_ratio", "accuracy_text", "accuracy_image")
 
 
 def _mean(total: float, count: int) -> float:
@@ -46,6 +50,10 @@ class ModalityDiagnostics:
       at the positive (OGM-GE's modality score), from the detached per-modality scores. Not 1 by
       construction: a collapsed image has ``P^V`` at chance (``1/B`` when nothing is masked), and the ratio
       grows with the text's lead.
+
+    And one weak-modality criterion relative to chance: ``accuracy_text`` / ``accuracy_image``, the in-batch
+    top-1 retrieval accuracy of each modality's scores (ties are misses: a collapsed modality is at 0, a
+    modality at chance near ``1/B``), which is what ``weak_criterion: accuracy`` compares.
     """
 
     def __init__(self) -> None:
@@ -54,9 +62,7 @@ class ModalityDiagnostics:
     def reset(self) -> None:
         """Forget everything: call at the start of each epoch."""
         self.steps = 0
-        self._sums: Dict[str, float] = {
-            "loss_text": 0.0, "loss_image": 0.0, "grad_norm_ratio": 0.0, "positive_score_ratio": 0.0
-        }
+        self._sums: Dict[str, float] = dict.fromkeys(_QUANTITIES, 0.0)
         self._counts: Dict[str, int] = dict.fromkeys(self._sums, 0)
         self._weak: Dict[str, int] = dict.fromkeys(_MODALITIES, 0)
 
@@ -67,6 +73,8 @@ class ModalityDiagnostics:
         weak: Optional[str] = None,
         grad_norm_ratio=None,
         positive_score_ratio=None,
+        accuracy_text=None,
+        accuracy_image=None,
     ) -> None:
         if weak is not None and weak not in self._weak:
             raise ValueError(f"weak must be 'text', 'image' or None, got {weak!r}")
@@ -76,6 +84,8 @@ class ModalityDiagnostics:
             ("loss_image", loss_image),
             ("grad_norm_ratio", grad_norm_ratio),
             ("positive_score_ratio", positive_score_ratio),
+            ("accuracy_text", accuracy_text),
+            ("accuracy_image", accuracy_image),
         ):
             if value is not None:
                 self._sums[key] += float(value)
@@ -87,11 +97,14 @@ class ModalityDiagnostics:
         """Epoch means; NaN for a quantity no step reported.
 
         ``weak_text_share`` + ``weak_image_share`` = 1 over the steps that named a weak modality.
-        ``grad_norm_ratio`` and ``positive_score_ratio`` are arithmetic means of the per-step ratios.
+        ``grad_norm_ratio`` and ``positive_score_ratio`` are arithmetic means of the per-step ratios,
+        ``accuracy_text`` / ``accuracy_image`` of the per-step accuracies.
         ``steps`` counts updates.
         """
         decided = sum(self._weak.values())
         result = {key: _mean(self._sums[key], self._counts[key]) for key in ("loss_text", "loss_image")}
+        for key in ("accuracy_text", "accuracy_image"):
+            result[key] = _mean(self._sums[key], self._counts[key])
         for modality in _MODALITIES:
             result[f"weak_{modality}_share"] = _mean(self._weak[modality], decided)
         for key in ("grad_norm_ratio", "positive_score_ratio"):
@@ -104,6 +117,7 @@ class ModalityDiagnostics:
         s = self.summary()
         return (
             f"modality: L^T {_fmt(s['loss_text'], '.4f')} | L^V {_fmt(s['loss_image'], '.4f')} | "
+            f"acc T {_fmt(s['accuracy_text'], '.1%')} V {_fmt(s['accuracy_image'], '.1%')} | "
             f"weak text {_fmt(s['weak_text_share'], '.1%')} image {_fmt(s['weak_image_share'], '.1%')} | "
             f"grad T/V {_fmt(s['grad_norm_ratio'], '.3f')} | pos T/V {_fmt(s['positive_score_ratio'], '.3f')} | "
             f"steps {s['steps']}"

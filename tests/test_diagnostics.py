@@ -9,8 +9,9 @@ from recbole_vlm2rec.diagnostics import ModalityDiagnostics, modality_dropout_ta
 
 def test_summary_on_a_known_sequence():
     diagnostics = ModalityDiagnostics()
-    diagnostics.update(1.0, 3.0, "image", 2.0, positive_score_ratio=4.0)
-    diagnostics.update(torch.tensor(2.0), torch.tensor(1.0), "text", torch.tensor(0.5), torch.tensor(0.5))
+    diagnostics.update(1.0, 3.0, "image", 2.0, positive_score_ratio=4.0, accuracy_text=0.75, accuracy_image=0.0)
+    diagnostics.update(torch.tensor(2.0), torch.tensor(1.0), "text", torch.tensor(0.5), torch.tensor(0.5),
+                       accuracy_text=torch.tensor(0.25), accuracy_image=torch.tensor(0.5))
     diagnostics.update(3.0, None, "image", None)  # a batch without images and without the ratios
     diagnostics.update(2.0, 2.0, "image", 1.0)  # a step that reported no positive-score ratio
     assert diagnostics.summary() == {
@@ -20,11 +21,13 @@ def test_summary_on_a_known_sequence():
         "weak_image_share": pytest.approx(3 / 4),
         "grad_norm_ratio": pytest.approx((2 + 0.5 + 1) / 3),
         "positive_score_ratio": pytest.approx((4 + 0.5) / 2),
+        "accuracy_text": pytest.approx(0.5),
+        "accuracy_image": pytest.approx(0.25),
         "steps": 4,
     }
     assert diagnostics.format_line() == (
-        "modality: L^T 2.0000 | L^V 2.0000 | weak text 25.0% image 75.0% | grad T/V 1.167 | pos T/V 2.250 | "
-        "steps 4"
+        "modality: L^T 2.0000 | L^V 2.0000 | acc T 50.0% V 25.0% | weak text 25.0% image 75.0% | grad T/V 1.167 | "
+        "pos T/V 2.250 | steps 4"
     )
 
 
@@ -36,7 +39,8 @@ def test_empty_and_single_modality_give_nan_and_reset_clears():
     summary = diagnostics.summary()
     assert summary["loss_text"] == 0.5 and math.isnan(summary["weak_text_share"])
     assert diagnostics.format_line() == (
-        "modality: L^T 0.5000 | L^V n/a | weak text n/a image n/a | grad T/V n/a | pos T/V n/a | steps 1"
+        "modality: L^T 0.5000 | L^V n/a | acc T n/a V n/a | weak text n/a image n/a | grad T/V n/a | pos T/V n/a | "
+        "steps 1"
     )
     diagnostics.reset()
     assert diagnostics.steps == 0 and math.isnan(diagnostics.summary()["loss_text"])
@@ -55,8 +59,11 @@ def test_collapsed_image_batch_shows_in_the_positive_score_ratio_not_the_grad_ra
     image.requires_grad_()
     out = VLM2RecObjective(beta=0.0, crtr_weight=0.0)(text, image, None, text, image, None, grad_norm_ratio=True)
     diagnostics = ModalityDiagnostics()
-    diagnostics.update(out.loss_text, out.loss_image, out.weak, out.grad_norm_ratio, out.positive_score_ratio)
+    diagnostics.update(out.loss_text, out.loss_image, out.weak, out.grad_norm_ratio, out.positive_score_ratio,
+                       out.accuracy_text, out.accuracy_image)
     summary = diagnostics.summary()
+    # text retrieves every row; the collapsed image ties everywhere, and ties are misses
+    assert (summary["accuracy_text"], summary["accuracy_image"]) == (1.0, 0.0)
     assert summary["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert summary["positive_score_ratio"] == pytest.approx(4 / (1 + 3 * math.exp(-20)), rel=1e-6)  # 4.000
     assert summary["loss_image"] == pytest.approx(math.log(4), abs=1e-6)

@@ -275,7 +275,8 @@ class VLM2RecSASRec(SASRec):
         )
         self.diagnostics.update(
             loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio,
-            positive_score_ratio=out.positive_score_ratio,
+            positive_score_ratio=out.positive_score_ratio, accuracy_text=out.accuracy_text,
+            accuracy_image=out.accuracy_image,
         )
         return out.wpcl, out.crtr
 
