@@ -80,6 +80,10 @@ class VLM2Rec(SequentialRecommender):
                 [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
             )
             self.logger.info(f"VLM2Rec vision cache: {stats}")
+        elif self.use_image:
+            reason = ("the vision tower trains (train_vision_tower: True), so its outputs change every step"
+                      if self.encoder.config.vision_trainable else "vision_cache: False")
+            self.logger.info(f"VLM2Rec vision cache: off, {reason}; every image prompt runs the vision tower")
 
     def _read_item_content(self, config, dataset) -> None:
         """Item texts and images (row i = RecBole's internal item id i; row 0 is padding), blanked for a
