@@ -1,179 +1,213 @@
-"""Modality collapse on the synthetic catalog: plain contrastive fine-tuning vs WPCL, CRTR and full VLM2Rec.
+"""Modality collapse: does plain contrastive fine-tuning let one modality take over, and do WPCL and CRTR help?
 
-Issue 7, item 2. Builds the synthetic multimodal catalog of the demo (``dataset_tools.demo.DEMO_SPEC``: 360
-items, 1,000 users, text signal = image signal = 1.0, unchanged) in a temporary directory, then, for each
-seed, trains one VLM2Rec per setting through RecBole's own pieces (Config -> dataset -> VLM2Rec ->
-VLM2RecTrainer.fit), with the same seed, data order, backbone initialisation and number of epochs:
+The experiment of the paper's central claim, on a synthetic catalog where it can show (issue 12):
 
-    untrained          no training step (the random tiny backbone as built)
-    plain              beta 0,   lambda 0     plain in-batch contrastive fine-tuning (InfoNCE on fused scores)
-    +WPCL              beta 0.2, lambda 0     weak-modality penalised contrastive loss only
-    +CRTR              beta 0,   lambda 0.1   cross-modal relational topology regularisation only
-    VLM2Rec            beta 0.2, lambda 0.1   both (the demo's documented values for this backbone)
-    VLM2Rec-beta1      beta 1.0, lambda 0.1   optional extra row (--settings): the model default, which
-                                              collapsed the tiny backbone on the demo
+* the catalog (``COLLAPSE_SPEC``, fixed before the first comparison run) plants a text attribute (scent
+  theme, named in the title) and an image attribute (pattern, drawn dark on a light background so that the
+  vision tower can see it); the next item depends on both jointly, so text alone and image alone each
+  reach only part of the attainable accuracy (the oracle hit rates printed with the table);
+* uni-modal references (``text alone``, ``image alone``: ``modalities: [text]`` / ``[image]``) say what each
+  modality reaches on its own; a modality's *retention* inside a jointly trained model is its NDCG@10 there
+  divided by its NDCG@10 when trained alone (per seed), the collapse measure of the multimodal-imbalance
+  literature;
+* linear probes of the planted attributes on each modality's item embeddings, untrained and trained;
+* rows: untrained, text alone, image alone, plain (beta 0, lambda 0), +WPCL, +CRTR, VLM2Rec, and a small
+  beta/lambda sweep whose point is selected on the validation split (``VLM2Rec (val-selected)``).
 
-Everything else is the demo preset (``properties/quick_start/VLM2Rec_on_vlm2rec-demo.yaml``), pinned here
-explicitly: tiny-qwen2-vl, full fine-tuning, lr 1e-3, 56 px images, title text (32 tokens), 5-item
-histories, batch 64, fp32, one torch thread, CPU; relative WPCL, tau 0.05, loss-criterion weak detector.
-Each setting is evaluated once, after its last epoch (no best-epoch selection, no early stopping), on the
-validation and the test split with full ranking, with fused, text-only and image-only scores
-(``VLM2RecTrainer.modality_results``). During training every step's ``L^T``, ``L^V``, weak modality and
-gradient-norm ratio ``||dL/dE^T|| / ||dL/dE^V||`` (of that setting's own loss) is recorded from the
-model's ``diagnostics``.
+Every row trains through RecBole's own pieces (Config -> dataset -> VLM2Rec -> VLM2RecTrainer) with the same
+data, seed, backbone initialisation and number of epochs, and is evaluated after its last epoch (no best-epoch
+selection) with full ranking, with fused, text-only and image-only scores; each epoch also evaluates the
+validation split per modality (the curves). Seed ``s`` sets RecBole's ``seed`` and ``tiny_seed``; the catalog is
+the same for every seed. Runs are independent and deterministic, so ``--jobs`` changes the time, not a number.
 
-    python benchmarks/modality_collapse.py                      # 1 seed, 2 epochs (~8-10 min, 2-core CPU)
-    python benchmarks/modality_collapse.py --seeds 0,1,2 --settings untrained,plain,+WPCL,+CRTR,VLM2Rec,VLM2Rec-beta1
+    python benchmarks/modality_collapse.py            # the default run: 3 seeds, ~45 min on 2 CPU cores
+    python benchmarks/modality_collapse.py --quick --out /tmp/mc   # smoke test: 1 seed, 150 users, 1 epoch
+    python benchmarks/modality_collapse.py --dataset my-catalog --data_path data/ \\
+        --vlm_name_or_path /models/Qwen2.5-VL-3B-Instruct --config_files my.yaml --device cuda --seeds 0
 
-Seed ``s`` sets RecBole's ``seed`` (data order, dropout) and ``tiny_seed`` (the backbone's random
-initialisation) to ``s``; the catalog itself stays DEMO_SPEC's (seed 2026) for every seed.
+On a user's own dataset (``--dataset``) nothing of the synthetic set-up is pinned: the model's defaults, then
+``--config_files``, then ``--vlm_name_or_path`` / ``--device`` / ``--epochs``, and only the rows' beta, lambda and
+modalities are the benchmark's; probes and oracle rates need planted attributes and are left out.
 
-Writes to ``--out`` (default ``bench_out/modality_collapse``): ``results.csv`` (one row per seed and
-setting), ``results.md`` (table, mean +- std over seeds, plus the oracle hit rates of the catalog),
-``per_step.csv``, ``modality_metrics.png`` and ``grad_ratio.png``; prints the table.
+Writes to ``--out`` (default ``benchmarks/results/modality_collapse``): ``results.json`` (``{"seeds", "rows":
+{row: {metric: {"values", "mean", "stderr"}}}, ...}``), ``results.md`` (the tables), ``modality_metrics.png``
+(per-modality test NDCG@10 per row) and ``curves.png`` (per-modality validation NDCG@10 over epochs, plain vs
+VLM2Rec); prints the table.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import concurrent.futures
+import dataclasses
+import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, REPO)
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-DATASET = "modality-collapse-synth"
+from dataset_tools.synthetic import SyntheticSpec  # noqa: E402  (after the path set-up)
+
+SYNTHETIC_DATASET = "modality-collapse-synth"
+
+#: The catalog of the default run. 4 themes x 4 patterns, 320 items, 1,000 users; dark-on-light patterns (the
+#: demo's random colour polarity hides the pattern from linear patch features: see the probes in the README).
+COLLAPSE_SPEC = SyntheticSpec(seed=7, items=320, users=1000, text_signal=1.0, image_signal=1.0, image_size=64,
+                              text_values=4, image_values=4, image_colours="dark-on-light", min_history=5,
+                              max_history=20)
+QUICK_SPEC = SyntheticSpec(seed=7, items=80, users=150, image_size=32, text_values=4, image_values=4,
+                           image_colours="dark-on-light", min_history=5, max_history=8)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_EPOCHS = 2
 
 
 @dataclass(frozen=True)
-class Setting:
+class Row:
+    """One trained (or untrained) configuration: a row of the table."""
+
     name: str
-    beta: float
-    lambda_: float
+    beta: float = 0.0
+    lambda_: float = 0.0
+    modalities: Tuple[str, ...] = ("text", "image")
     train: bool = True
+    settings: Tuple[Tuple[str, object], ...] = ()  # further settings of this row only
 
 
-SETTINGS = {
-    s.name: s
-    for s in (
-        Setting("untrained", 0.0, 0.0, train=False),
-        Setting("plain", 0.0, 0.0),
-        Setting("+WPCL", 0.2, 0.0),
-        Setting("+CRTR", 0.0, 0.1),
-        Setting("VLM2Rec", 0.2, 0.1),
-        Setting("VLM2Rec-beta1", 1.0, 0.1),
-    )
-}
-DEFAULT_SETTINGS = ("untrained", "plain", "+WPCL", "+CRTR", "VLM2Rec")
+ROWS = (
+    Row("untrained", train=False),
+    Row("text alone", modalities=("text",)),
+    Row("image alone", modalities=("image",)),
+    Row("plain"),
+    Row("+WPCL", beta=0.2),
+    Row("+CRTR", lambda_=0.1),
+    Row("VLM2Rec", beta=0.2, lambda_=0.1),
+    # the detector under test (issue 12): the loss criterion calls a collapsed modality strong
+    Row("VLM2Rec, accuracy detector", beta=0.2, lambda_=0.1, settings=(("weak_criterion", "accuracy"),)),
+)
+#: The beta/lambda sweep around VLM2Rec's row (which is one of its points); selected on validation.
+SWEEP = tuple(Row(f"sweep beta={b} lambda={l}", beta=b, lambda_=l) for b, l in ((0.5, 0.1), (0.2, 0.3), (0.5, 0.3)))
+SELECTED = "VLM2Rec (val-selected)"
+SELECTION_METRIC = "valid_fused_ndcg@10"
 
-# The demo preset (properties/quick_start/VLM2Rec_on_vlm2rec-demo.yaml), pinned so that the benchmark does
-# not change when the preset does, plus what a fixed-length comparison needs.
-DEMO_SETTINGS = {
+#: The pinned settings of the synthetic run: the demo preset (properties/quick_start/VLM2Rec_on_vlm2rec-demo.yaml)
+#: written out, so that the benchmark does not move when the preset does, plus a trainable vision tower.
+SYNTHETIC_SETTINGS = {
     "vlm_name_or_path": "tiny-qwen2-vl",
     "vlm_dtype": "fp32",
     "gradient_checkpointing": False,
     "finetune": "full",
+    "train_vision_tower": True,
     "learning_rate": 0.001,
     "image_size": 56,
     "max_text_tokens": 32,
     "item_text_fields": ["title"],
     "max_history_items": 5,
     "train_batch_size": 64,
-    "gpu_id": "",
-    "torch_num_threads": 1,
     "tau": 0.05,
     "wpcl_form": "relative",
     "weak_criterion": "loss",
     "crtr_relation": "item",
-    "grad_norm_diagnostics": True,
-    "modality_dropout_eval": True,
-    "export_embeddings": False,
-    "show_progress": False,
+}
+#: What every run needs, on any dataset: full-ranking evaluation of the final model, per modality.
+EVALUATION_SETTINGS = {
     "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
     "metrics": ["Hit", "NDCG"],
     "topk": [10],
     "valid_metric": "NDCG@10",
+    "modality_dropout_eval": True,
+    "grad_norm_diagnostics": True,
+    "export_embeddings": False,
+    "show_progress": False,
+    "torch_num_threads": 1,
+    "reproducibility": True,
 }
-MODES = ("fused", "text-only", "image-only")
+MODES = ("fused", "text_only", "image_only")
+SCORE_MODES = {"fused": "fused", "text_only": "text-only", "image_only": "image-only"}  # VLM2RecTrainer's names
 METRICS = ("ndcg@10", "hit@10")
+TABLE_METRICS = ("fused_ndcg@10", "text_only_ndcg@10", "image_only_ndcg@10", "text_retention", "image_retention",
+                 "probe_text_theme", "probe_image_pattern", "weak_image_share", "positive_score_ratio",
+                 "weight_grad_ratio")
 
 
-def build_catalog(root: str, spec=None, kcore: int = 5) -> str:
-    """The synthetic catalog (DEMO_SPEC unless ``spec``) as ``root/DATASET``; returns its directory."""
-    from dataset_tools.demo import DEMO_SPEC
-    from dataset_tools.synthetic import build_synthetic
+@dataclass
+class Job:
+    """Everything one worker process needs for one (row, seed)."""
 
-    build_synthetic(root, DATASET, spec or DEMO_SPEC, kcore=kcore, image_format="png", progress=False)
-    return os.path.join(root, DATASET)
-
-
-class _Recorder:
-    """Wraps the model's ``calculate_loss``: after each training step's loss, reads what the objective
-    put into ``model.diagnostics`` (through a recording ``ModalityDiagnostics``) and the two loss terms."""
-
-    def __init__(self, model, setting: str, seed: int, param_grad_every: int = 0):
-        import torch
-
-        from recbole_vlm2rec.diagnostics import ModalityDiagnostics
-
-        recorder = self
-        self.rows: List[dict] = []
-        self.setting, self.seed, self.epoch = setting, seed, 0
-        self.inputs = None
-
-        class Recording(ModalityDiagnostics):
-            def update(self, loss_text=None, loss_image=None, weak=None, grad_norm_ratio=None,
-                       positive_score_ratio=None):
-                super().update(loss_text, loss_image, weak, grad_norm_ratio, positive_score_ratio)
-                recorder.rows.append({
-                    "seed": recorder.seed, "setting": recorder.setting, "epoch": recorder.epoch,
-                    "step": len(recorder.rows),
-                    "loss_text": _f(loss_text), "loss_image": _f(loss_image), "weak": weak or "",
-                    "grad_ratio": _f(grad_norm_ratio), "positive_score_ratio": _f(positive_score_ratio),
-                })
-
-        model.diagnostics = Recording()
-        original = model.calculate_loss
-        objective_forward = model.objective.forward
-
-        def capture(user_text, user_image, user_image_mask, item_text, item_image, item_image_mask, **kwargs):
-            self.inputs = (user_text, item_text, user_image, item_image)
-            return objective_forward(user_text, user_image, user_image_mask, item_text, item_image,
-                                     item_image_mask, **kwargs)
-
-        model.objective.forward = capture
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def calculate_loss(interaction):
-            self.inputs = None
-            wpcl, crtr = original(interaction)
-            if self.rows:
-                row = self.rows[-1]
-                row["loss_wpcl"] = float(wpcl.detach())
-                row["loss_crtr_weighted"] = float(crtr.detach())
-                row["param_grad_ratio"] = math.nan
-                if param_grad_every and (len(self.rows) - 1) % param_grad_every == 0 and self.inputs:
-                    row["param_grad_ratio"] = param_gradient_ratio(wpcl + crtr, self.inputs, params)
-            return wpcl, crtr
-
-        model.calculate_loss = calculate_loss
+    row: Row
+    seed: int
+    epochs: int
+    data_path: str
+    dataset: str
+    settings: dict
+    config_files: List[str] = field(default_factory=list)
+    weight_grad_every: int = 10
 
 
-def param_gradient_ratio(loss, inputs, params) -> float:
-    """``||J_T^T g_T|| / ||J_V^T g_V||``: the norm of the gradient that reaches the trainable weights through
-    the text branch (user and item text embeddings) over the one through the image branch.
+# ------------------------------------------------------------------------------------------ one run
 
-    ``||dL/dE^T|| / ||dL/dE^V||`` (the model's diagnostic) is taken at the encoder's L2-normalised outputs;
-    with external fusion ``normalize(t + v)`` the fused loss sends ``g`` orthogonal to ``t + v``, and
-    ``||P_t g|| = ||P_v g||`` for unit ``t`` and ``v``: that ratio is exactly 1 for plain contrastive
-    training whatever the modalities do. This one sees how much each branch moves the shared weights.
-    Costs two extra backward passes through the encoder (hence sampled every few steps).
+def linear_probe(features, labels, folds: int = 5, ridge: float = 1.0, seed: int = 0) -> float:
+    """Cross-validated accuracy of a ridge-regression one-vs-rest classifier of ``labels`` from ``features``.
+
+    Features are standardised on each training fold; the classifier is closed-form least squares on one-hot
+    targets with an L2 penalty ``ridge`` (so the number is deterministic and needs no solver settings). Rows of
+    all-zero features (an absent modality) are not items of that modality: NaN if every row is zero.
+    """
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    keep = np.abs(x).sum(axis=1) > 0
+    x, y = x[keep], y[keep]
+    if len(y) < folds or len(set(y.tolist())) < 2:
+        return math.nan
+    classes = np.unique(y)
+    order = np.random.default_rng(seed).permutation(len(y))
+    hits = 0
+    for fold in range(folds):
+        test = order[fold::folds]
+        train = np.setdiff1d(order, test)
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-8
+        xt = np.hstack([(x[train] - mean) / std, np.ones((len(train), 1))])
+        targets = (y[train][:, None] == classes[None, :]).astype(np.float64)
+        weights = np.linalg.solve(xt.T @ xt + ridge * np.eye(xt.shape[1]), xt.T @ targets)
+        xs = np.hstack([(x[test] - mean) / std, np.ones((len(test), 1))])
+        hits += int((classes[np.argmax(xs @ weights, axis=1)] == y[test]).sum())
+    return hits / len(y)
+
+
+def probe_accuracies(model, dataset, data_path: str, dataset_name: str) -> Dict[str, float]:
+    """Linear-probe accuracy of each planted attribute from each modality's item embeddings (synthetic only)."""
+    from dataset_tools.synthetic import read_latent
+
+    try:
+        latent = read_latent(os.path.join(data_path, dataset_name), dataset_name)["items"]
+    except FileNotFoundError:
+        return {}
+    tokens = list(dataset.field2id_token[dataset.iid_field][1:])  # row 0 is RecBole's padding item
+    catalog = model.catalog_embeddings()
+    results = {}
+    for modality, used in (("text", model.use_text), ("image", model.use_image)):
+        for attribute, key in (("theme", "text"), ("pattern", "image")):
+            values = catalog[modality][1:].float().cpu().numpy() if used else None
+            labels = [latent[t][key] for t in tokens]
+            results[f"probe_{modality}_{attribute}"] = linear_probe(values, labels) if used else math.nan
+    return results
+
+
+def weight_gradient_ratio(loss, inputs, params) -> float:
+    """``||J_T^T g_T|| / ||J_V^T g_V||``: the norm of the gradient that reaches the trainable weights through the
+    text branch (user and item text embeddings) over the one through the image branch.
+
+    The embedding-level ratio of the model's diagnostics is exactly 1 under plain fused InfoNCE
+    (``losses.detector.modality_gradient_norms``); this one sees how much each branch moves the shared weights.
+    Two extra backward passes through the encoder, hence sampled every few steps.
     """
     import torch
 
@@ -189,13 +223,46 @@ def param_gradient_ratio(loss, inputs, params) -> float:
     return norms[0] / norms[1] if norms[1] > 0 else math.nan
 
 
-def _f(value) -> float:
-    return math.nan if value is None else float(value)
+def _sample_weight_gradients(model, every: int) -> List[float]:
+    """Wrap ``model.calculate_loss`` so that every ``every``-th training step also measures the weight-gradient
+    ratio (appended to the returned list)."""
+    samples: List[float] = []
+    if every <= 0:
+        return samples
+    captured = {}
+    objective_forward = model.objective.forward
+
+    def capture(user_text, user_image, user_image_mask, item_text, item_image, item_image_mask, **kwargs):
+        captured["inputs"] = (user_text, item_text, user_image, item_image)
+        return objective_forward(user_text, user_image, user_image_mask, item_text, item_image, item_image_mask,
+                                 **kwargs)
+
+    model.objective.forward = capture
+    params = [p for p in model.parameters() if p.requires_grad]
+    calculate_loss, steps = model.calculate_loss, [0]
+
+    def sampled(interaction):
+        captured.clear()
+        wpcl, crtr = calculate_loss(interaction)
+        if model.training and steps[0] % every == 0 and captured:
+            samples.append(weight_gradient_ratio(wpcl + crtr, captured["inputs"], params))
+        steps[0] += 1
+        return wpcl, crtr
+
+    model.calculate_loss = sampled
+    return samples
 
 
-def run_setting(root: str, setting: Setting, seed: int, epochs: int, overrides: Optional[dict] = None,
-                param_grad_every: int = 10):
-    """Train (unless ``untrained``) and evaluate one setting; returns (result row, per-step rows)."""
+def _evaluate(trainer, model, data) -> Dict[str, float]:
+    """Fused, text-only and image-only metrics of the current weights (NaN for a modality the model lacks)."""
+    result = trainer.evaluate(data, load_best_model=False)
+    by_mode = trainer.modality_results or {"fused": result, ("text-only" if model.use_text else "image-only"): result}
+    return {f"{mode}_{metric}": float(by_mode[SCORE_MODES[mode]][metric]) if SCORE_MODES[mode] in by_mode else math.nan
+            for mode in MODES for metric in METRICS}
+
+
+def run_job(job: Job) -> dict:
+    """Train (unless ``untrained``) and evaluate one row for one seed; returns its measurements."""
     import torch
 
     import recbole_vlm2rec  # noqa: F401  (registers the models)
@@ -206,302 +273,356 @@ def run_setting(root: str, setting: Setting, seed: int, epochs: int, overrides: 
     from recbole_vlm2rec.models.vlm2rec import VLM2Rec
     from recbole_vlm2rec.trainer import VLM2RecTrainer
 
-    config_dict = dict(DEMO_SETTINGS)
+    started = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="run-", dir=job.data_path)
+    os.chdir(workdir)  # RecBole writes log/ and log_tensorboard/ under the working directory
+    config_dict = dict(job.settings)
     config_dict.update({
-        "data_path": root,
-        # shared: the vision cache is keyed by image, size and backbone, so every setting reuses it
-        "checkpoint_dir": os.path.join(root, "saved"),
-        "seed": seed,
-        "tiny_seed": seed,
-        "reproducibility": True,
-        "epochs": epochs,
-        "beta": setting.beta,
-        "lambda": setting.lambda_,
+        "data_path": job.data_path, "checkpoint_dir": os.path.join(workdir, "saved"), "seed": job.seed,
+        "tiny_seed": job.seed, "epochs": max(job.epochs, 1), "beta": job.row.beta, "lambda": job.row.lambda_,
+        "modalities": list(job.row.modalities), **dict(job.row.settings),
     })
-    config_dict.update(overrides or {})
-    config = Config(
-        model="VLM2Rec",
-        dataset=DATASET,
-        config_file_list=[os.path.join(REPO, "properties", "dataset", "amazon-template.yaml")],
-        config_dict=config_dict,
-    )
+    config = Config(model="VLM2Rec", dataset=job.dataset, config_dict=config_dict,
+                    config_file_list=[os.path.join(REPO, "properties", "dataset", "amazon-template.yaml"),
+                                      *job.config_files])
     torch.set_num_threads(1)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])  # same backbone and data order for every setting
+    init_seed(config["seed"], config["reproducibility"])  # same backbone and data order for every row
     model = VLM2Rec(config, train_data._dataset).to(config["device"])
-    recorder = _Recorder(model, setting.name, seed, param_grad_every)
+    weight_ratios = _sample_weight_gradients(model, job.weight_grad_every if job.row.train else 0)
     trainer = VLM2RecTrainer(config, model)
 
-    train_s = 0.0
-    if setting.train:
-        start = time.perf_counter()
+    measured = {"epochs": []}
+    if job.row.train:
         trainer.eval_collector.data_collect(train_data)  # as fit does
-        for epoch in range(epochs):  # fit's training loop without validation, checkpoints or early stopping
-            recorder.epoch = epoch
+        for epoch in range(job.epochs):  # fit's loop without early stopping or checkpoints
             trainer._train_epoch(train_data, epoch)
-        train_s = time.perf_counter() - start
-
-    row = {"seed": seed, "setting": setting.name, "beta": setting.beta, "lambda": setting.lambda_,
-           "epochs": epochs if setting.train else 0, "steps": len(recorder.rows), "train_s": round(train_s, 1)}
-    start = time.perf_counter()
-    for split, data in (("valid", valid_data), ("test", test_data)):
-        trainer.evaluate(data, load_best_model=False)
-        for mode in MODES:
-            for metric in METRICS:
-                row[f"{split}_{mode}_{metric}"] = float(trainer.modality_results[mode][metric])
-    row["eval_s"] = round(time.perf_counter() - start, 1)
-    row.update(summarise_steps(recorder.rows))
-    return row, recorder.rows
-
-
-def summarise_steps(rows: List[dict]) -> Dict[str, float]:
-    """Means over all training steps (NaN without steps), and over the last epoch for the losses."""
-    ratios = [r["grad_ratio"] for r in rows if not math.isnan(r["grad_ratio"])]
-    pratios = [r["param_grad_ratio"] for r in rows if not math.isnan(r.get("param_grad_ratio", math.nan))]
-    weak = [r["weak"] for r in rows if r["weak"]]
-    last_epoch = max((r["epoch"] for r in rows), default=0)
-    last = [r for r in rows if r["epoch"] == last_epoch]
-
-    def mean(values):
-        values = [v for v in values if not math.isnan(v)]
-        return sum(values) / len(values) if values else math.nan
-
-    return {
-        "grad_ratio_mean": mean(ratios),
-        "grad_ratio_median": statistics.median(ratios) if ratios else math.nan,
-        "grad_ratio_geomean": math.exp(mean([math.log(r) for r in ratios if r > 0])) if ratios else math.nan,
-        "param_grad_ratio_mean": mean(pratios),
-        "param_grad_ratio_first": pratios[0] if pratios else math.nan,
-        "param_grad_ratio_last": pratios[-1] if pratios else math.nan,
-        "weak_image_share": sum(w == "image" for w in weak) / len(weak) if weak else math.nan,
-        "loss_text_last_epoch": mean([r["loss_text"] for r in last]),
-        "loss_image_last_epoch": mean([r["loss_image"] for r in last]),
-    }
+            diagnostics = model.diagnostics.summary()
+            measured["epochs"].append({**{f"valid_{k}": v for k, v in _evaluate(trainer, model, valid_data).items()},
+                                       **{k: diagnostics[k] for k in ("weak_image_share", "positive_score_ratio",
+                                                                      "accuracy_text", "accuracy_image",
+                                                                      "loss_text", "loss_image")}})
+    if not measured["epochs"]:
+        measured.update({f"valid_{k}": v for k, v in _evaluate(trainer, model, valid_data).items()})
+    else:  # the last epoch's validation is the final model's
+        measured.update({k: v for k, v in measured["epochs"][-1].items() if k.startswith("valid_")})
+    measured.update({f"test_{k}": v for k, v in _evaluate(trainer, model, test_data).items()})
+    measured.update(probe_accuracies(model, train_data._dataset, job.data_path, job.dataset))
+    last = measured["epochs"][-1] if measured["epochs"] else {}
+    both = job.row.train and len(job.row.modalities) == 2
+    measured["weak_image_share"] = last.get("weak_image_share", math.nan) if both else math.nan
+    measured["positive_score_ratio"] = last.get("positive_score_ratio", math.nan) if both else math.nan
+    ratios = [r for r in weight_ratios if not math.isnan(r)]
+    measured["weight_grad_ratio"] = statistics.mean(ratios) if ratios else math.nan
+    measured["run_s"] = time.perf_counter() - started
+    return {"row": job.row.name, "seed": job.seed, **measured}
 
 
-def run_benchmark(root: str, settings: List[str], seeds: List[int], epochs: int, overrides: Optional[dict] = None,
-                  log=print, param_grad_every: int = 10):
-    """Every setting for every seed on the catalog under ``root``; returns (result rows, per-step rows)."""
-    results, steps = [], []
-    for seed in seeds:
-        for name in settings:
-            log(f"seed {seed}, {name} ...")
-            row, rows = run_setting(root, SETTINGS[name], seed, epochs, overrides, param_grad_every)
-            log(f"  test NDCG@10 fused {row['test_fused_ndcg@10']:.4f} text {row['test_text-only_ndcg@10']:.4f} "
-                f"image {row['test_image-only_ndcg@10']:.4f} | grad T/V {row['grad_ratio_mean']:.3f} "
-                f"weights T/V {row['param_grad_ratio_mean']:.3f} "
-                f"weak image {row['weak_image_share']:.2f} | train {row['train_s']:.0f} s")
-            results.append(row)
-            steps.extend(rows)
-    return results, steps
+# --------------------------------------------------------------------------------------- the whole run
+
+def _log(line: str) -> None:
+    print(line, flush=True)  # progress of a long run, also when stdout is a file
 
 
-# ---------------------------------------------------------------------------------------------- output
+def run_all(jobs: List[Job], workers: int, log=_log) -> List[dict]:
+    """Run every job (in ``workers`` processes when > 1); results in job order."""
+    if workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(run_job(job))
+            log(_progress_line(results[-1], len(results), len(jobs)))
+        return results
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+        futures = {pool.submit(run_job, job): n for n, job in enumerate(jobs)}
+        results: List[Optional[dict]] = [None] * len(jobs)
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            results[futures[future]] = future.result()
+            log(_progress_line(results[futures[future]], done, len(jobs)))
+    return results
 
-def _stat(values: List[float], fmt: str) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+
+def _worker_init() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, REPO)
+
+
+def _progress_line(result: dict, done: int, total: int) -> str:
+    return (f"[{done}/{total}] seed {result['seed']} {result['row']}: test NDCG@10 fused "
+            f"{result['test_fused_ndcg@10']:.4f} text {result['test_text_only_ndcg@10']:.4f} image "
+            f"{result['test_image_only_ndcg@10']:.4f} ({result['run_s']:.0f} s)")
+
+
+def _stats(values: List[float]) -> dict:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    mean = statistics.mean(finite) if finite else None
+    stderr = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else None
+    return {"values": [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values],
+            "mean": mean, "stderr": stderr}
+
+
+def summarise(results: List[dict], seeds: List[int]) -> Tuple[dict, dict]:
+    """``(rows, selection)``: per row, per metric, the values over seeds (seed order) with mean and standard
+    error; retention per seed against the uni-modal rows; the sweep point selected on validation."""
+    by_row: Dict[str, Dict[int, dict]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], {})[r["seed"]] = r
+    for name, per_seed in by_row.items():
+        for seed, r in per_seed.items():
+            for modality in ("text", "image"):
+                alone = by_row.get(f"{modality} alone", {}).get(seed)
+                own = r[f"test_{modality}_only_ndcg@10"]
+                reference = alone[f"test_{modality}_only_ndcg@10"] if alone else math.nan
+                r[f"{modality}_retention"] = own / reference if reference and math.isfinite(reference) else math.nan
+
+    candidates = [row.name for row in (*ROWS, *SWEEP)
+                  if row.beta > 0 and row.lambda_ > 0 and not row.settings and row.name in by_row]
+    selection = {}
+    if candidates:
+        scores = {name: statistics.mean(by_row[name][s][SELECTION_METRIC] for s in seeds) for name in candidates}
+        chosen = max(candidates, key=lambda name: (scores[name], -candidates.index(name)))
+        by_row[SELECTED] = by_row[chosen]
+        row = next(r for r in (*ROWS, *SWEEP) if r.name == chosen)
+        selection = {"criterion": f"{SELECTION_METRIC}, mean over seeds", "candidates": scores, "selected": chosen,
+                     "beta": row.beta, "lambda": row.lambda_}
+
+    metrics = [k for k in results[0] if k not in ("row", "seed", "epochs")]
+    metrics = [k[5:] if k.startswith("test_") else k for k in metrics]  # test metrics unprefixed, as asked
+    rows = {}
+    for name, per_seed in by_row.items():
+        rows[name] = {}
+        for metric in dict.fromkeys(metrics):
+            key = metric if metric in per_seed[seeds[0]] else f"test_{metric}"
+            rows[name][metric] = _stats([per_seed[s].get(key, math.nan) for s in seeds])
+        rows[name]["valid_curve"] = _curve(per_seed, by_row.get("untrained"), seeds)
+    return rows, selection
+
+
+def _curve(per_seed: Dict[int, dict], untrained: Optional[Dict[int, dict]], seeds: List[int]) -> dict:
+    """Per epoch, per modality: the validation NDCG@10 (mean and standard error over seeds). Epoch 0 is the
+    untrained row of the same seed (the same backbone initialisation), when it was run."""
+    def point(result, mode):
+        return result[f"valid_{mode}_ndcg@10"]
+
+    curve = {}
+    for mode in MODES:
+        epochs = [[point(per_seed[s]["epochs"][e], mode) for s in seeds] for e in range(len(per_seed[seeds[0]]["epochs"]))]
+        if untrained and epochs:
+            epochs.insert(0, [point(untrained[s], mode) for s in seeds])
+        curve[mode] = [_stats(values) for values in epochs]
+    return curve
+
+
+# --------------------------------------------------------------------------------------------- output
+
+def _cell(stat: dict, spec: str = ".4f") -> str:
+    if stat["mean"] is None:
         return "n/a"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    if stat["stderr"] is None:
+        return format(stat["mean"], spec)
+    return f"{format(stat['mean'], spec)} ± {format(stat['stderr'], spec)}"
 
 
-TABLE_HEAD = ("setting", "fused NDCG@10", "text-only", "image-only", "gap text−image", "mean grad ratio",
-              "weight-grad ratio", "weak image share", "train s")
+TABLE_HEAD = ("row", "fused NDCG@10", "text-only", "image-only", "text retention", "image retention",
+              "probe text→theme", "probe image→pattern", "weak=image", "pos T/V", "weight-grad T/V")
 
 
-def table_rows(results: List[dict], split: str = "test") -> List[List[str]]:
-    rows = []
-    for name in dict.fromkeys(r["setting"] for r in results):
-        rs = [r for r in results if r["setting"] == name]
-        rows.append([
-            name,
-            _stat([r[f"{split}_fused_ndcg@10"] for r in rs], ".4f"),
-            _stat([r[f"{split}_text-only_ndcg@10"] for r in rs], ".4f"),
-            _stat([r[f"{split}_image-only_ndcg@10"] for r in rs], ".4f"),
-            _stat([r[f"{split}_text-only_ndcg@10"] - r[f"{split}_image-only_ndcg@10"] for r in rs], "+.4f"),
-            _stat([r["grad_ratio_mean"] for r in rs], ".3f"),
-            _stat([r["param_grad_ratio_mean"] for r in rs], ".3f"),
-            _stat([r["weak_image_share"] for r in rs], ".2f"),
-            _stat([r["train_s"] for r in rs], ".0f"),
-        ])
-    return rows
+def table_lines(rows: dict, prefix: str = "", markdown: bool = False) -> List[str]:
+    """The table, plain or Markdown: every test metric of TABLE_METRICS, or with ``prefix='valid_'`` the
+    validation NDCG@10 columns only."""
+    metrics_shown = [m for m in TABLE_METRICS if not prefix or m.endswith("ndcg@10")]
+    head = [TABLE_HEAD[0]] + [TABLE_HEAD[1 + TABLE_METRICS.index(m)] for m in metrics_shown]
+    body = []
+    for name, metrics in rows.items():
+        cells = [name]
+        for metric in metrics_shown:
+            missing = {"mean": None}  # probes on a dataset without planted attributes
+            cells.append(_cell(metrics.get(prefix + metric, missing), ".4f" if "ndcg" in metric else ".2f"))
+        body.append(cells)
+    if markdown:
+        return (["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+                + ["| " + " | ".join(r) + " |" for r in body])
+    everything = [head] + body
+    widths = [max(len(r[c]) for r in everything) for c in range(len(head))]
+    return [" | ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+            for r in everything]
 
 
-def format_text_table(rows: List[List[str]]) -> str:
-    all_rows = [list(TABLE_HEAD)] + rows
-    widths = [max(len(r[c]) for r in all_rows) for c in range(len(TABLE_HEAD))]
-    return "\n".join(" | ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in
-                                enumerate(zip(r, widths))) for r in all_rows)
-
-
-def format_markdown_table(rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEAD) - 1)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(path: str, rows: List[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_markdown(path: str, results: List[dict], header: str, oracle: Optional[dict]) -> None:
-    parts = [f"# Modality collapse on the synthetic catalog\n\n{header}\n"]
-    for split in ("test", "valid"):
-        parts.append(f"## {split} split (NDCG@10, full ranking; mean ± std over seeds where several)\n")
-        parts.append(format_markdown_table(table_rows(results, split)) + "\n")
-    hit = ["| setting | fused Hit@10 | text-only | image-only |", "|---|---:|---:|---:|"]
-    for name in dict.fromkeys(r["setting"] for r in results):
-        rs = [r for r in results if r["setting"] == name]
-        hit.append(f"| {name} | " + " | ".join(_stat([r[f'test_{m}_hit@10'] for r in rs], ".4f") for m in MODES) + " |")
-    parts.append("## test split, Hit@10\n\n" + "\n".join(hit) + "\n")
-    if oracle:
-        parts.append("## Oracle Hit@10 of the catalog (scorers that know the planted attributes)\n\n"
-                     + " | ".join(f"{k}: {v:.3f}" for k, v in oracle.items())
-                     + f"  (random: about {10 / 353:.3f})\n")
-    parts.append("Gradient ratio: mean over training steps of ||dL/dE^T|| / ||dL/dE^V|| for that setting's loss "
-                 "(> 1: text gets the larger gradient), at the encoder's normalised outputs: under external fusion it is exactly 1 "
-                 "for any loss on fused scores alone (plain contrastive), so it mostly shows which modality WPCL pushes. "
-                 "Weight-grad ratio: ||gradient reaching the trainable weights through the text branch|| / ||... image "
-                 "branch||, sampled every --param-grad-every steps (the imbalance inside the shared encoder). Weak image share: fraction of steps on which the detector "
-                 "(EMA of the per-modality InfoNCE) named the image the weak modality.\n")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(parts))
-
-
-def plot(out: str, results: List[dict], steps: List[dict]) -> List[str]:
+def plot(out: str, rows: dict, seeds: List[int]) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = list(dict.fromkeys(r["setting"] for r in results))
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    names = list(rows)
+    colours = {"text_only": "tab:blue", "image_only": "tab:orange", "fused": "tab:green"}
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4.2))
     width = 0.27
-    colours = {"text-only": "tab:blue", "image-only": "tab:orange", "fused": "tab:green"}
-    for k, mode in enumerate(("text-only", "image-only", "fused")):
-        means, errs = [], []
-        for name in names:
-            values = [r[f"test_{mode}_ndcg@10"] for r in results if r["setting"] == name]
-            means.append(statistics.mean(values))
-            errs.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.bar(np.arange(len(names)) + (k - 1) * width, means, width, yerr=errs if any(errs) else None,
-               label=mode, color=colours[mode], capsize=3)
-    ax.axhline(0.0127, color="grey", ls=":", lw=1, label="random (≈0.013)")
-    ax.set_xticks(np.arange(len(names)), names)
+    for k, mode in enumerate(("text_only", "image_only", "fused")):
+        stats = [rows[n][f"{mode}_ndcg@10"] for n in names]
+        means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
+        errors = [s["stderr"] or 0.0 for s in stats]
+        ax.bar(np.arange(len(names)) + (k - 1) * width, means, width, yerr=errors, capsize=3, color=colours[mode],
+               label=mode.replace("_", "-"))
+    ax.set_xticks(np.arange(len(names)), [n.replace(" lambda", "\nlambda").replace(" (", "\n(") for n in names],
+                  fontsize=7)
     ax.set_ylabel("test NDCG@10 (full ranking)")
-    seeds = sorted({r["seed"] for r in results})
-    ax.set_title(f"Per-modality scoring, synthetic catalog, tiny-qwen2-vl (seeds {seeds})")
+    ax.set_title(f"Per-modality scoring (mean ± s.e. over seeds {seeds})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     bars = os.path.join(out, "modality_metrics.png")
-    fig.savefig(bars, dpi=120)
+    fig.savefig(bars, dpi=110)
     plt.close(fig)
 
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
-    trained = [n for n in names if any(s["setting"] == n for s in steps)]
-    cmap = plt.get_cmap("tab10")
-    for c, name in enumerate(trained):
-        for seed in seeds:
-            mine = [s for s in steps if s["setting"] == name and s["seed"] == seed]
-            ratio = np.array([s["grad_ratio"] for s in mine])
-            if ratio.size == 0:
-                continue
-            x = np.arange(ratio.size)
-            ax.plot(x, ratio, color=cmap(c), alpha=0.2, lw=0.7)
-            window = min(15, ratio.size)
-            smooth = np.convolve(ratio, np.ones(window) / window, mode="valid")
-            ax.plot(x[window - 1:], smooth, color=cmap(c), lw=1.8, label=name if seed == seeds[0] else None)
-            weights = np.array([s.get("param_grad_ratio", math.nan) for s in mine])
-            keep = ~np.isnan(weights)
-            if keep.any():
-                ax2.plot(x[keep], weights[keep], "o-", color=cmap(c), ms=3, lw=1.2,
-                         label=name if seed == seeds[0] else None)
-    for axis in (ax, ax2):
-        axis.axhline(1.0, color="grey", ls=":", lw=1)
-        axis.set_yscale("log")
-        axis.legend(fontsize=8)
-    ax.set_ylabel("||dL/dE^T|| / ||dL/dE^V||")
-    ax.set_title("Grad-norm ratio text/image at the embeddings (thin: per step; thick: 15-step mean)", fontsize=10)
-    ax2.set_ylabel("weight-gradient ratio text/image")
-    ax2.set_title("Gradient reaching the encoder weights through the text vs the image branch", fontsize=10)
-    ax2.set_xlabel("training step")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for axis, name in zip(axes, ("plain", "VLM2Rec")):
+        curve = rows.get(name, {}).get("valid_curve")
+        if not curve:
+            continue
+        for mode in MODES:
+            means = np.array([p["mean"] if p["mean"] is not None else np.nan for p in curve[mode]])
+            errors = np.array([p["stderr"] or 0.0 for p in curve[mode]])
+            x = np.arange(len(means))  # epoch 0: untrained
+            axis.errorbar(x, means, yerr=errors, marker="o", capsize=3, color=colours[mode],
+                          label=mode.replace("_", "-"))
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.set_xticks(np.arange(len(curve["fused"])))
+    axes[0].set_ylabel("validation NDCG@10")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Per-modality validation NDCG@10 over epochs (mean ± s.e. over seeds)", fontsize=10)
     fig.tight_layout()
-    ratio_png = os.path.join(out, "grad_ratio.png")
-    fig.savefig(ratio_png, dpi=120)
+    curves = os.path.join(out, "curves.png")
+    fig.savefig(curves, dpi=110)
     plt.close(fig)
-    return [bars, ratio_png]
+    return [bars, curves]
 
 
-def write_outputs(out: str, results: List[dict], steps: List[dict], header: str, oracle: Optional[dict],
-                  plots: bool = True) -> List[str]:
+def write_outputs(out: str, report: dict, plots: bool = True) -> List[str]:
     os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, n) for n in ("results.csv", "results.md", "per_step.csv")]
-    write_csv(paths[0], results)
-    write_markdown(paths[1], results, header, oracle)
-    write_csv(paths[2], steps)
+    rows = report["rows"]
+    json_path = os.path.join(out, "results.json")
+    tmp = json_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1, allow_nan=False)
+    os.replace(tmp, json_path)
+    md = [f"# Modality collapse\n\n{report['header']}\n", "## Test split (mean ± standard error over seeds)\n",
+          *table_lines(rows, markdown=True), "", "## Validation split, NDCG@10\n",
+          *table_lines(rows, "valid_", markdown=True), ""]
+    if report.get("selection"):
+        sel = report["selection"]
+        md.append(f"Selected on validation ({sel['criterion']}): {sel['selected']} "
+                  f"(beta {sel['beta']}, lambda {sel['lambda']}); candidates: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in sel["candidates"].items()) + "\n")
+    if report.get("oracle"):
+        md.append("Oracle Hit@10 of the catalog (scorers that know the planted attributes): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in report["oracle"].items()) + "\n")
+    md_path = os.path.join(out, "results.md")
+    with open(md_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(md))
+    paths = [json_path, md_path]
     if plots:
-        paths += plot(out, results, steps)
+        paths += plot(out, rows, report["seeds"])
     return paths
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (RecBole seed and tiny_seed), default 0")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
-                        help=f"comma-separated, from {', '.join(SETTINGS)}")
-    parser.add_argument("--out", default="bench_out/modality_collapse")
-    parser.add_argument("--param-grad-every", type=int, default=10,
-                        help="measure the weight-gradient ratio text/image every N steps (0: never; 2 extra backwards)")
-    parser.add_argument("--data-dir", default=None, help="build the catalog here (default: a temporary directory)")
-    args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in settings if s not in SETTINGS]
-    if unknown or not seeds or args.epochs < 1:
-        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}" if unknown else
-                     "need at least one seed and --epochs >= 1")
+# ----------------------------------------------------------------------------------------------- main
 
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"epochs per trained row (default {DEFAULT_EPOCHS}; "
+                                                                    "--quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 150 users, 1 epoch, one sweep point")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated subset of the rows (default: all; the sweep rows are 'sweep ...')")
+    parser.add_argument("--image-colours", choices=("dark-on-light", "random"), default=None,
+                        help="synthetic catalog: override the spec's pattern colours (random: the demo's, which "
+                             "hide the pattern from the vision tower)")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "modality_collapse"))
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
+    parser.add_argument("--dataset", default=None, help="a converted dataset instead of the synthetic catalog")
+    parser.add_argument("--data_path", default=None, help="directory holding --dataset")
+    parser.add_argument("--vlm_name_or_path", default=None, help="backbone (default: the run's settings)")
+    parser.add_argument("--config_files", default="", help="space-separated YAML files (own dataset)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--weight-grad-every", type=int, default=10,
+                        help="measure the weight-gradient ratio every N steps (0: never; 2 extra backwards)")
+    parser.add_argument("--data-dir", default=None, help="build the synthetic catalog here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else ",".join(map(str, DEFAULT_SEEDS)))).split(",")
+                  if s.strip()]
+    args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else DEFAULT_EPOCHS)
+    if not args.seeds or args.epochs < 1 or args.jobs < 1:
+        parser.error("need at least one seed, --epochs >= 1 and --jobs >= 1")
+    if args.dataset and not args.data_path:
+        parser.error("--dataset needs --data_path (the directory that holds <dataset>/<dataset>.inter)")
+    if args.dataset and not os.path.isfile(os.path.join(args.data_path, args.dataset, f"{args.dataset}.inter")):
+        parser.error(f"no {os.path.join(args.data_path, args.dataset, args.dataset + '.inter')}: convert the catalog "
+                     "first (vlm2rec-data amazon ...)")
+    for path in args.config_files.split():
+        if not os.path.isfile(path):
+            parser.error(f"--config_files: no file {path}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    from dataset_tools.synthetic import build_synthetic, oracle_hit_rates
 
-    torch.set_num_threads(1)
-    from dataset_tools.synthetic import oracle_hit_rates
-
-    total = time.perf_counter()
+    started = time.perf_counter()
+    rows = list(ROWS) + list(SWEEP[:1] if args.quick else SWEEP)
+    if args.rows:
+        wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in {row.name for row in rows}]
+        if unknown:
+            sys.exit(f"modality_collapse.py: error: unknown rows {unknown}; choose from {[row.name for row in rows]}")
+        rows = [row for row in rows if row.name in wanted]
+    device = {"gpu_id": "0" if args.device == "cuda" else ""}
     with tempfile.TemporaryDirectory(prefix="modality-collapse-", dir=args.data_dir) as root:
-        cwd = os.getcwd()
-        out = os.path.abspath(args.out)
-        dataset_dir = build_catalog(root)
-        oracle = oracle_hit_rates(dataset_dir, DATASET, k=10)
-        os.chdir(root)  # RecBole writes log/ and log_tensorboard/ under the working directory
-        try:
-            results, steps = run_benchmark(root, settings, seeds, args.epochs, param_grad_every=args.param_grad_every)
-        finally:
-            os.chdir(cwd)
-    runtime = time.perf_counter() - total
-    header = (f"Catalog: dataset_tools.demo.DEMO_SPEC (360 items, 1,000 users, text and image signal 1.0), 5-core. "
-              f"Backbone tiny-qwen2-vl, full fine-tuning, lr 1e-3, 56 px, title text, 5-item histories, batch 64, "
-              f"CPU, 1 thread; {args.epochs} epochs per trained setting, final model evaluated (no best-epoch "
-              f"selection). Seeds {seeds}. Total runtime {runtime / 60:.1f} min.")
-    paths = write_outputs(out, results, steps, header, oracle)
-    print()
-    print(header)
-    print(f"oracle Hit@10: " + ", ".join(f"{k} {v:.3f}" for k, v in oracle.items()))
-    print("\ntest split, NDCG@10 (full ranking)")
-    print(format_text_table(table_rows(results, "test")))
+        if args.dataset:
+            data_path, dataset, settings, spec, oracle = os.path.abspath(args.data_path), args.dataset, {}, None, None
+        else:
+            spec = QUICK_SPEC if args.quick else COLLAPSE_SPEC
+            if args.image_colours:
+                spec = dataclasses.replace(spec, image_colours=args.image_colours)
+            data_path, dataset, settings = root, SYNTHETIC_DATASET, dict(SYNTHETIC_SETTINGS)
+            build_synthetic(root, dataset, spec, kcore=3 if args.quick else 5, image_format="png", progress=False)
+            oracle = oracle_hit_rates(os.path.join(root, dataset), dataset, k=10)
+            if args.quick:
+                settings.update(train_batch_size=32, image_size=28)
+        settings.update(EVALUATION_SETTINGS, **device)
+        if args.vlm_name_or_path:
+            settings["vlm_name_or_path"] = args.vlm_name_or_path
+        jobs = [Job(row, seed, args.epochs, data_path, dataset, settings, args.config_files.split(),
+                    args.weight_grad_every) for seed in args.seeds for row in rows]
+        _log(f"{len(jobs)} runs ({len(rows)} rows x {len(args.seeds)} seeds), {args.jobs} at a time")
+        results = run_all(jobs, args.jobs)
+    table_rows, selection = summarise(results, args.seeds)
+    runtime = time.perf_counter() - started
+    header = (f"Dataset {dataset}" + (f" (synthetic: {asdict(spec)})" if spec else f" under {data_path}")
+              + f". Settings: {json.dumps(settings, sort_keys=True)}. {args.epochs} epochs per trained row, final "
+              f"model evaluated (no best-epoch selection), full ranking. Seeds {args.seeds}. "
+              f"Runtime {runtime / 60:.1f} min ({args.jobs} parallel runs).")
+    report = {"seeds": args.seeds, "rows": table_rows, "selection": selection, "oracle": oracle,
+              "spec": asdict(spec) if spec else None, "settings": settings, "epochs": args.epochs,
+              "runtime_s": round(runtime, 1), "header": header}
+    paths = write_outputs(args.out, report)
+    print("\n" + header)
+    if oracle:
+        print("oracle Hit@10: " + ", ".join(f"{k} {v:.3f}" for k, v in oracle.items()))
+    print("\ntest split (mean ± standard error over seeds)")
+    print("\n".join(table_lines(table_rows)))
     print("\nvalidation split, NDCG@10")
-    print(format_text_table(table_rows(results, "valid")))
+    print("\n".join(table_lines(table_rows, "valid_")))
+    if selection:
+        print(f"\nselected on validation: {selection['selected']}")
     print("\nwritten: " + ", ".join(paths))
 
 

@@ -1,13 +1,19 @@
-"""benchmarks/modality_collapse.py: its core on a very small synthetic catalog, a few steps per setting."""
-import csv
+"""benchmarks/modality_collapse.py: the probe and the summary on hand-made numbers, the catalog's planted
+signal, the command line, and the --quick run end to end (its results.json layout)."""
 import importlib.util
+import json
 import math
+import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from helpers import REPO_ROOT
 
 
-def _load_benchmark():
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("modality_collapse", REPO_ROOT / "benchmarks" / "modality_collapse.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -15,45 +21,96 @@ def _load_benchmark():
     return module
 
 
-def test_settings_train_alike_and_report_every_modality(tmp_path):
-    from dataset_tools.synthetic import SyntheticSpec
+def test_linear_probe_known_answers(bench):
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 4
+    separable = np.eye(4)[labels] * 3 + rng.normal(0, 0.1, (200, 4))
+    assert bench.linear_probe(separable, labels) == 1.0
+    unrelated = rng.normal(0, 1, (2000, 8))  # features independent of the labels: chance, 1/4
+    assert abs(bench.linear_probe(unrelated, np.arange(2000) % 4) - 0.25) < 0.05
+    assert math.isnan(bench.linear_probe(np.zeros((50, 3)), np.arange(50) % 2))  # an absent modality
+    # zero rows (items without that modality) are left out, not counted as misses
+    assert bench.linear_probe(np.vstack([separable, np.zeros((100, 4))]), np.r_[labels, np.zeros(100, int)]) == 1.0
 
-    bench = _load_benchmark()
-    root = str(tmp_path / "data")
-    bench.build_catalog(root, SyntheticSpec(seed=3, items=50, users=60, image_size=32, min_history=5, max_history=7),
-                        kcore=3)
-    results, steps = bench.run_benchmark(root, ["untrained", "plain", "VLM2Rec"], [0], epochs=1,
-                                         overrides={"train_batch_size": 32}, log=lambda *_: None,
-                                         param_grad_every=2)
-    by_name = {r["setting"]: r for r in results}
-    assert list(by_name) == ["untrained", "plain", "VLM2Rec"]
-    assert by_name["untrained"]["steps"] == 0 and math.isnan(by_name["untrained"]["grad_ratio_mean"])
-    # same data, same number of steps for every trained setting
-    assert by_name["plain"]["steps"] == by_name["VLM2Rec"]["steps"] > 0
-    assert (by_name["plain"]["beta"], by_name["plain"]["lambda"]) == (0.0, 0.0)
-    assert (by_name["VLM2Rec"]["beta"], by_name["VLM2Rec"]["lambda"]) == (0.2, 0.1)
-    for row in results:
-        for split in ("valid", "test"):
-            for mode in bench.MODES:
-                for metric in bench.METRICS:
-                    assert 0.0 <= row[f"{split}_{mode}_{metric}"] <= 1.0
-    for name in ("plain", "VLM2Rec"):
-        row = by_name[name]
-        assert math.isfinite(row["grad_ratio_mean"]) and row["grad_ratio_mean"] > 0
-        assert 0.0 <= row["weak_image_share"] <= 1.0
-        assert math.isfinite(row["param_grad_ratio_mean"]) and row["param_grad_ratio_mean"] > 0
-    # under external fusion the embedding-level ratio of a loss on fused scores alone is exactly 1
-    assert abs(by_name["plain"]["grad_ratio_mean"] - 1.0) < 1e-3
-    # plain contrastive has no CRTR term; VLM2Rec's weighted CRTR is positive
-    assert all(s["loss_crtr_weighted"] == 0.0 for s in steps if s["setting"] == "plain")
-    assert any(s["loss_crtr_weighted"] > 0.0 for s in steps if s["setting"] == "VLM2Rec")
 
+def _result(bench, row, seed, fused, text, image, valid_fused):
+    result = {"row": row, "seed": seed, "epochs": [], "run_s": 1.0}
+    for split, value in (("test", fused), ("valid", valid_fused)):
+        result[f"{split}_fused_ndcg@10"] = value
+        result[f"{split}_text_only_ndcg@10"] = text
+        result[f"{split}_image_only_ndcg@10"] = image
+    return result
+
+
+def test_summary_retention_standard_errors_and_validation_selection(bench):
+    nan = math.nan
+    results = []
+    for seed, scale in ((0, 1.0), (1, 2.0)):
+        results += [
+            _result(bench, "text alone", seed, 0.2 * scale, 0.2 * scale, nan, 0.2),
+            _result(bench, "image alone", seed, 0.1 * scale, nan, 0.1 * scale, 0.1),
+            _result(bench, "plain", seed, 0.3, 0.2 * scale, 0.05 * scale, 0.30),
+            _result(bench, "VLM2Rec", seed, 0.3, 0.1 * scale, 0.1 * scale, 0.31),
+            # best on test, not on validation: must not be selected
+            _result(bench, "sweep beta=0.5 lambda=0.3", seed, 0.9, 0.1, 0.1, 0.25),
+        ]
+    rows, selection = bench.summarise(results, [0, 1])
+    assert rows["plain"]["text_retention"]["values"] == pytest.approx([1.0, 1.0])
+    assert rows["plain"]["image_retention"]["values"] == pytest.approx([0.5, 0.5])
+    assert rows["VLM2Rec"]["image_retention"]["mean"] == pytest.approx(1.0)
+    assert rows["text alone"]["image_only_ndcg@10"] == {"values": [None, None], "mean": None, "stderr": None}
+    text = rows["text alone"]["text_only_ndcg@10"]
+    assert text["values"] == pytest.approx([0.2, 0.4]) and text["mean"] == pytest.approx(0.3)
+    assert text["stderr"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / math.sqrt(2))
+    assert selection["selected"] == "VLM2Rec" and (selection["beta"], selection["lambda"]) == (0.2, 0.1)
+    assert rows[bench.SELECTED] == rows["VLM2Rec"]
+    assert set(selection["candidates"]) == {"VLM2Rec", "sweep beta=0.5 lambda=0.3"}
+
+
+def test_the_default_catalog_needs_both_modalities(bench, tmp_path):
+    """COLLAPSE_SPEC: oracles that know one planted attribute reach well under the one that knows both."""
+    from dataset_tools.synthetic import build_synthetic, oracle_hit_rates
+
+    build_synthetic(tmp_path, "c", bench.COLLAPSE_SPEC, kcore=5, progress=False)
+    oracle = oracle_hit_rates(tmp_path / "c", "c", k=10)
+    assert oracle["text"] < 0.6 * oracle["both"] and oracle["image"] < 0.6 * oracle["both"]
+    assert min(oracle["text"], oracle["image"]) > 2 * oracle["popularity"]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "modality_collapse.py"), *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_command_line_errors_name_the_problem(tmp_path):
+    done = _run("--dataset", "mine")
+    assert done.returncode == 2 and "--dataset needs --data_path" in done.stderr
+    done = _run("--dataset", "mine", "--data_path", str(tmp_path))
+    assert done.returncode == 2 and f"no {tmp_path / 'mine' / 'mine.inter'}" in done.stderr
+    done = _run("--config_files", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 2 and "no file" in done.stderr
+
+
+def test_quick_run_writes_the_results_layout(tmp_path):
     out = tmp_path / "out"
-    paths = bench.write_outputs(str(out), results, steps, "test run", {"both": 0.5, "text": 0.3})
-    for name in ("results.csv", "results.md", "per_step.csv", "modality_metrics.png", "grad_ratio.png"):
+    done = _run("--quick", "--out", str(out), "--jobs", "2", "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["seeds"] == [0]
+    required = ["untrained", "text alone", "image alone", "plain", "+WPCL", "+CRTR", "VLM2Rec"]
+    assert list(report["rows"])[:7] == required and "VLM2Rec (val-selected)" in report["rows"]
+    for name, metrics in report["rows"].items():
+        for metric in ("fused_ndcg@10", "text_only_ndcg@10", "image_only_ndcg@10"):
+            assert set(metrics[metric]) == {"values", "mean", "stderr"}, (name, metric)
+            assert len(metrics[metric]["values"]) == 1
+    rows = report["rows"]
+    assert rows["text alone"]["image_only_ndcg@10"]["values"] == [None]
+    assert rows["image alone"]["text_only_ndcg@10"]["values"] == [None]
+    assert 0 < rows["plain"]["fused_ndcg@10"]["mean"] <= 1
+    assert rows["text alone"]["text_retention"]["values"] == [1.0]
+    assert 0 <= rows["untrained"]["probe_image_pattern"]["mean"] <= 1
+    # per-modality validation curve: epoch 0 (untrained) and the one epoch of --quick
+    assert len(rows["plain"]["valid_curve"]["image_only"]) == 2
+    for name in ("results.md", "modality_metrics.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
-    assert len(paths) == 5
-    with open(out / "per_step.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == len(steps)
-    table = bench.format_text_table(bench.table_rows(results))
-    assert table.splitlines()[0].startswith("setting") and "VLM2Rec" in table
+    assert "VLM2Rec (val-selected)" in done.stdout and "oracle Hit@10" in done.stdout
