@@ -164,7 +164,7 @@ def _convert_amazon(job: AmazonJob, dataset_dir: pathlib.Path) -> Result:
     stats = write_dataset(dataset_dir, job.dataset, frame, records, problems, source, filters, options,
                           images={"counts": images.counts, "resumed": images.resumed,
                                   "processed": images.processed, "size": job.images.size,
-                                  "format": job.images.fmt})
+                                  "format": job.images.fmt, "text_only": images.text_only})
     return Result(dataset_dir, stats, problems)
 
 
@@ -234,8 +234,12 @@ def format_summary(result: Result) -> str:
     if "images" in s:
         im = s["images"]
         counts = ", ".join(f"{k} {v:,}" for k, v in im["counts"].items()) or "none"
-        lines.append(f"  images ({im['size']} px {im['format']}): {counts} "
-                     f"(from earlier run {im['resumed']:,}, processed now {im['processed']:,})")
+        if im.get("text_only"):
+            lines.append("  images: none, a text-only catalog (the metadata names no image for any item); "
+                         "VLM2Rec and VLM2RecSASRec then use the text alone")
+        else:
+            lines.append(f"  images ({im['size']} px {im['format']}): {counts} "
+                         f"(from earlier run {im['resumed']:,}, processed now {im['processed']:,})")
         if im["counts"].get("not_fetched"):
             lines.append("    some items have remote image URLs: pass --download-images or --images-dir")
     total = sum(s["problems"].values())

@@ -85,6 +85,7 @@ class ImageResult:
     counts: dict          # status -> number of items
     resumed: int          # items taken from an earlier run's manifest without any work
     processed: int        # items read or downloaded in this run
+    text_only: bool = False  # the metadata names no image for any item: a text-only catalog, not bad input
 
 
 def image_file_name(item_id: str, fmt: str) -> str:
@@ -208,9 +209,12 @@ def process_images(dataset_dir: pathlib.Path, name: str, refs: dict, opts: Image
                     record(fut.result())
             raise
 
+    # A catalog whose metadata names no image at all (e.g. a text-only release) is text-only: one fact for the
+    # stats and the summary, not one "bad input" record per item.
+    text_only = bool(final) and not opts.images_dir and all(e["status"] == "no_source" for e in final.values())
     for item_id in sorted(final):
         e = final[item_id]
-        if e["status"] in _PROBLEM_KIND:
+        if e["status"] in _PROBLEM_KIND and not text_only:
             where = f"item {item_id}"
             note = " (recorded by an earlier run)" if e.get("resumed") else ""
             problems.add(_PROBLEM_KIND[e["status"]], where,
@@ -220,7 +224,7 @@ def process_images(dataset_dir: pathlib.Path, name: str, refs: dict, opts: Image
     write_jsonl(manifest_path, ({k: v for k, v in kept[i].items() if k != "resumed"} for i in sorted(kept)))
     counts = collections.Counter(e["status"] for e in final.values())
     paths = {i: (f"images/{e['file']}" if e["status"] == "ok" else None) for i, e in final.items()}
-    return ImageResult(paths, dict(sorted(counts.items())), resumed, len(jobs))
+    return ImageResult(paths, dict(sorted(counts.items())), resumed, len(jobs), text_only)
 
 
 def _plan(refs: dict, previous: dict, images_dir: pathlib.Path, opts: ImageOptions):

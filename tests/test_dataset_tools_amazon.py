@@ -233,6 +233,30 @@ def test_2018_conversion_with_downloads(tmp_path, image_server):
     assert {r[0]: r[1] for r in rows}["C001"] == "Beauty Hair_Care Shampoo_&_Conditioner"
 
 
+def test_metadata_without_any_image_is_a_text_only_catalog_not_bad_input(tmp_path, capsys):
+    """The 2018 fixture with every image field removed: one "text-only catalog" line, no per-item
+    image_no_source records (a real text-only release has thousands)."""
+    lines = []
+    for line in (FIXTURES / "2018/meta.json").read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            lines.append(line)  # the fixture's malformed lines stay as they are
+            continue
+        for key in ("image", "imageURL", "imageURLHighRes"):
+            record.pop(key, None)
+        lines.append(json.dumps(record).encode())
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b"\n".join(lines) + b"\n")
+    assert run_cli("amazon", "--reviews", FIXTURES / "2018/reviews.json", "--meta", meta, "--out", tmp_path,
+                   "--dataset", "txt", "--kcore", "2", "--no-progress") == 0
+    stats = load_stats(tmp_path / "txt", "txt")
+    assert stats["images"]["text_only"] is True and stats["items_with_image"] == 0
+    assert "image_no_source" not in stats["problems"]
+    assert not [p for p in problems_of(tmp_path / "txt", "txt") if p["kind"].startswith("image")]
+    assert "a text-only catalog" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ 2023
 
 def test_2023_conversion_with_downloads(tmp_path, image_server):
