@@ -409,8 +409,9 @@ def install() -> None:
         # Every source is merged here and nothing is built yet; RecBole's own checks, which come next, raise
         # bare exceptions (or none: most values fail later, deep in a run). See recbole_vlm2rec/settings.py.
         # Then the settings that make a RecBole model import a package that is not installed.
-        from recbole_vlm2rec.settings import validate_config
+        from recbole_vlm2rec.settings import normalize_list_values, validate_config
 
+        normalize_list_values(self.final_config_dict, self.model)
         validate_config(self.final_config_dict, self.model)
         check_packages_for_settings(self.model, self.final_config_dict)
         original_set_default_parameters(self)

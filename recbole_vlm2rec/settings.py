@@ -388,6 +388,31 @@ def _metric_errors(values: Mapping) -> List[str]:
     return []
 
 
+# ------------------------------------------------------------------------------- command-line list values
+
+#: Our keys whose value is a list of names. RecBole keeps ``--modalities=[text]`` as the string ``'[text]'``
+#: (it evaluates command-line text as a Python literal, and ``[text]`` is not one).
+LIST_KEYS = ("modalities", "feature_modalities", "item_text_fields", "lora_target_modules")
+
+
+def normalize_list_values(values, model: str) -> None:
+    """Turn the text a user types for a list of names into that list, in place, for our models' LIST_KEYS:
+    ``[text]``, ``[text, image]``, ``['text']`` and ``text,image`` all become lists; ``[]`` the empty list.
+    A single name without brackets or commas (``text``) is left as it is (the keys that allow one accept it)."""
+    if model not in _model_rules():
+        return
+    for key in LIST_KEYS:
+        value = values.get(key)
+        if not isinstance(value, str):
+            continue
+        text = value.strip()
+        bracketed = text.startswith("[") and text.endswith("]")
+        if not bracketed and "," not in text:
+            continue
+        inner = text[1:-1] if bracketed else text
+        values[key] = [name.strip().strip("'\"").strip() for name in inner.split(",") if name.strip()]
+
+
 # ---------------------------------------------------------------------------------------------------- entry
 
 

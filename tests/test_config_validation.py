@@ -97,6 +97,22 @@ def test_command_line_values_are_checked_as_recbole_parses_them(monkeypatch):
     assert "'gradient_checkpointing' must be bool, got 'maybe'" in str(caught.value)
 
 
+def test_list_values_typed_on_the_command_line_become_lists(monkeypatch):
+    """``--modalities=[text]`` is the string '[text]' to RecBole; our list keys accept it as users type it."""
+    monkeypatch.setattr(sys, "argv", ["run_recbole", "--modalities=[text]", "--item_text_fields=[title, brand]",
+                                      "--lora_target_modules=q_proj,v_proj"])
+    config = _config("VLM2Rec")
+    assert config["modalities"] == ["text"] and config["item_text_fields"] == ["title", "brand"]
+    assert config["lora_target_modules"] == ["q_proj", "v_proj"]
+    monkeypatch.setattr(sys, "argv", ["run_recbole", "--feature_modalities=[text]"])
+    assert _config("VLM2RecSASRec")["feature_modalities"] == ["text"]
+    monkeypatch.setattr(sys, "argv", ["run_recbole", "--feature_modalities=[]"])
+    assert _config("VLM2RecSASRec")["feature_modalities"] == []
+    monkeypatch.setattr(sys, "argv", ["run_recbole", "--modalities=[text, audio]"])
+    with pytest.raises(ConfigError, match="modalities must be a list of names from"):
+        _config("VLM2Rec")
+
+
 def test_loss_keys_are_the_keys_the_objective_reads():
     from recbole_vlm2rec.losses import VLM2RecObjective
 
