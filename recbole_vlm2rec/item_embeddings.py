@@ -189,11 +189,11 @@ def _resolve_npy(path_or_prefix: str, modality: Optional[str]) -> str:
     if modality is not None:
         npy = f"{path}.{modality}.npy"
         if not os.path.exists(npy):
-            found = _modalities(path)
+            found = prefix_modalities(path)
             raise FileNotFoundError(f"item embeddings: no such file {npy}"
                                     + (f"; modalities under this prefix: {found}" if found else ""))
         return npy
-    found = _modalities(path)
+    found = prefix_modalities(path)
     if len(found) == 1:
         return f"{path}.{found[0]}.npy"
     if not found:
@@ -201,7 +201,8 @@ def _resolve_npy(path_or_prefix: str, modality: Optional[str]) -> str:
     raise ValueError(f"item embeddings: {path} has several modalities {found}; pass modality=")
 
 
-def _modalities(prefix: str) -> list:
+def prefix_modalities(prefix: str) -> list:
+    """The modalities written under ``prefix`` (``<prefix>.<modality>.npy``), sorted."""
     return sorted(p[len(prefix) + 1:-4] for p in glob.glob(glob.escape(prefix) + ".*.npy"))
 
 

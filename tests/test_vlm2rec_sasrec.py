@@ -109,6 +109,27 @@ def test_loss_terms_gradients_and_missing_images(tmp_path):
     assert branches["image"][ids["i3"]].abs().sum() == 0 and branches["image"][ids["i4"]].abs().sum() > 0
 
 
+def test_a_text_only_prefix_is_read_as_text_only_and_the_modality_terms_are_off(tmp_path, caplog):
+    """feature_modalities: ~ (the default) reads the modalities the prefix has; with one, WPCL and CRTR (which
+    compare two branches) are not computed and the log says so."""
+    write_features(tmp_path / "t", dims={"text": 24})
+    with caplog.at_level("INFO"):
+        config, train_data, model = build(feature_prefix=str(tmp_path / "t"), alpha=0.5, lambda_=0.5)
+    assert model.modalities == ["text"] and config["feature_modalities"] == ["text"]
+    assert not hasattr(model, "objective") and not model.grad_norm_diagnostics
+    log = caplog.text
+    assert f"feature_modalities: ~ -> ['text'] (the modalities {tmp_path / 't'} has)" in log
+    assert "one feature modality (text): WPCL and CRTR need text and image, so they are off" in log
+    model.train()
+    rec, wpcl, crtr = model.calculate_loss(next(iter(train_data)))
+    assert rec > 0 and wpcl == 0 and crtr == 0 and model.diagnostics.summary()["steps"] == 0
+    # both modalities when the prefix has both; an explicit list still insists on what it names
+    write_features(tmp_path / "b")
+    assert build(feature_prefix=str(tmp_path / "b"))[2].modalities == ["text", "image"]
+    with pytest.raises(DataError, match=r"image features not found.*this prefix has: text"):
+        build(feature_prefix=str(tmp_path / "t"), feature_modalities=["text", "image"])
+
+
 def test_finetune_initialises_trainable_tables_from_the_features(tmp_path):
     # 12-d features under hidden_size 16: the principal components keep everything, so the table's rows are
     # the (normalised, centred) features in another basis, with the same item-item cosines
@@ -170,8 +191,8 @@ def _rewrite(prefix, modality, array=None, **sidecar):
 def test_bad_arrays_give_clear_errors(tmp_path, damage, message):
     arrays = write_features(tmp_path / "f")
     damage(str(tmp_path / "f"), arrays)
-    with pytest.raises(DataError, match=message):
-        build(feature_prefix=str(tmp_path / "f"))
+    with pytest.raises(DataError, match=message):  # both named: a missing one is an error, not a text-only prefix
+        build(feature_prefix=str(tmp_path / "f"), feature_modalities=["text", "image"])
 
 
 def test_absent_items_get_zero_rows_by_option_and_are_counted(tmp_path, caplog):

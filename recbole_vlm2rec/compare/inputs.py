@@ -45,13 +45,13 @@ def _find_item_embeddings(preliminary, config, dataset) -> None:
 
     That is the user's ``checkpoint_dir`` (``preliminary``), not the run's own folder (``config``), which is
     new and empty. A failure names where it looked (``DataError``)."""
-    if config["feature_prefix"] is not None or not config["feature_modalities"]:
+    if config["feature_prefix"] is not None or config["feature_modalities"] == []:
         return
     from recbole_vlm2rec.data.features import modality_list, resolve_feature_prefix
     from recbole_vlm2rec.fusion import MODALITIES
 
     config["feature_prefix"] = resolve_feature_prefix(
-        None, modality_list(config["feature_modalities"], MODALITIES), preliminary["checkpoint_dir"],
+        None, modality_list(config["feature_modalities"], MODALITIES) or list(MODALITIES), preliminary["checkpoint_dir"],
         dataset.dataset_name, dataset.field2id_token[dataset.iid_field],
     )
     getLogger().info(f"feature_prefix: {config['feature_prefix']}")

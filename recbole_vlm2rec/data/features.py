@@ -21,7 +21,6 @@ of the dataset that the file does not list is an error, or with ``missing_item_p
 """
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from logging import getLogger
@@ -30,7 +29,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from recbole_vlm2rec.errors import ConfigError, DataError
-from recbole_vlm2rec.item_embeddings import export_pattern, export_prefix, load_item_embeddings, newest_export
+from recbole_vlm2rec.item_embeddings import (
+    export_pattern,
+    export_prefix,
+    load_item_embeddings,
+    newest_export,
+    prefix_modalities,
+)
 
 MISSING_ITEM_POLICIES = ("error", "zero")
 
@@ -74,13 +79,15 @@ def resolve_feature_prefix(
     if feature_prefix is not None:
         prefix = str(feature_prefix)
         return export_prefix(prefix) if os.path.isdir(prefix) else prefix
-    searched = modalities[0]  # every modality of an export is written together: look for one
-    try:
-        found = newest_export(checkpoint_dir, dataset_name, searched, item_tokens)
-    except ValueError as error:  # an unreadable sidecar
-        raise DataError(str(error)) from None
-    if found is not None:
-        return found
+    # Every modality of an export is written together: the first wanted modality that has one finds it.
+    searched = modalities[0]
+    for modality in modalities:
+        try:
+            found = newest_export(checkpoint_dir, dataset_name, modality, item_tokens)
+        except ValueError as error:  # an unreadable sidecar
+            raise DataError(str(error)) from None
+        if found is not None:
+            return found
     raise DataError(
         f"feature_prefix is not set and no VLM2Rec export of dataset {dataset_name!r} was found under "
         f"checkpoint_dir={checkpoint_dir!r} (looked for {export_pattern(checkpoint_dir, searched)}). Run VLM2Rec on "
@@ -111,7 +118,7 @@ def _absent_rows(array: np.ndarray, meta: dict, npy_path: str) -> np.ndarray:
 def _load_one(prefix: str, modality: str, item_tokens: Sequence[str], missing_item_policy: str) -> ItemFeatures:
     npy_path = f"{prefix}.{modality}.npy"
     if not os.path.isfile(npy_path):
-        found = sorted(p[len(prefix) + 1 : -4] for p in glob.glob(glob.escape(prefix) + ".*.npy"))
+        found = prefix_modalities(prefix)
         raise DataError(
             f"{modality} features not found: no file {npy_path}"
             + (f" (this prefix has: {', '.join(found)})" if found else "")
@@ -184,10 +191,11 @@ def load_item_features(
     return features
 
 
-def modality_list(value, allowed: Sequence[str]) -> List[str]:
-    """``feature_modalities`` as a list of distinct names from ``allowed`` (None or [] = no features)."""
+def modality_list(value, allowed: Sequence[str]) -> Optional[List[str]]:
+    """``feature_modalities`` as a list of distinct names from ``allowed``; ``[]`` = no features, None = the
+    modalities the feature prefix has (:func:`available_modalities`)."""
     if value is None:
-        return []
+        return None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) for m in value):
@@ -198,3 +206,17 @@ def modality_list(value, allowed: Sequence[str]) -> List[str]:
             f"feature_modalities must list distinct names from {list(allowed)}, got {list(value)!r}"
         )
     return list(value)
+
+
+def available_modalities(prefix: str, allowed: Sequence[str]) -> List[str]:
+    """The modalities of ``allowed`` (in that order) that ``prefix`` has arrays for; what
+    ``feature_modalities: ~`` reads. DataError when it has none of them."""
+    found = prefix_modalities(prefix)
+    available = [m for m in allowed if m in found]
+    if not available:
+        raise DataError(
+            f"no item features under {prefix}: no {' or '.join(f'{prefix}.{m}.npy' for m in allowed)}"
+            + (f" (this prefix has: {', '.join(found)})" if found else "")
+            + ". Set feature_prefix to the prefix of the arrays."
+        )
+    return available

@@ -29,7 +29,9 @@ encoder. ``calculate_loss`` returns the three terms so that RecBole logs each.
   item table is, up to the small random ID embedding, the fused VLM embedding in the model's space: the
   paper's "initialisation" of a conventional recommender.
 
-With no features (``feature_modalities: []``) and ``use_id_embedding: True`` it is SASRec (CE), exactly.
+``feature_modalities: ~`` (default) reads every modality the feature prefix has; with one modality (a
+text-only catalog) WPCL and CRTR, which compare the two branches, are off and ``L = L_rec``. With no
+features (``feature_modalities: []``) and ``use_id_embedding: True`` it is SASRec (CE), exactly.
 
 Features are inputs, like the dataset: they are not stored in checkpoints. The prefix they were read from
 is written back into the config (``feature_prefix``), which checkpoints keep, so that reloading reads the
@@ -49,7 +51,13 @@ from torch.func import functional_call
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_vlm2rec.checks import non_negative
-from recbole_vlm2rec.data.features import ItemFeatures, load_item_features, modality_list, resolve_feature_prefix
+from recbole_vlm2rec.data.features import (
+    ItemFeatures,
+    available_modalities,
+    load_item_features,
+    modality_list,
+    resolve_feature_prefix,
+)
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
 from recbole_vlm2rec.errors import ConfigError, DataError
 from recbole_vlm2rec.fusion import MODALITIES
@@ -90,7 +98,16 @@ class VLM2RecSASRec(SASRec):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)  # SASRec's settings, layers and initialisation
         self._read_settings(config)
-        features = self._load_features(config, dataset) if self.modalities else {}
+        features = self._load_features(config, dataset) if self.modalities != [] else {}
+        self.modalities = list(features)
+        # WPCL and CRTR compare the text and the image branch: with one modality there is nothing to compare
+        self.uses_modality_terms = len(self.modalities) == 2
+        self.grad_norm_diagnostics = self.grad_norm_diagnostics and self.uses_modality_terms
+        if len(self.modalities) == 1 and (self.alpha or self.lambda_):
+            getLogger().info(
+                f"VLM2RecSASRec: one feature modality ({self.modalities[0]}): WPCL and CRTR need text and image, "
+                f"so they are off (alpha {self.alpha} and lambda {self.lambda_} have no effect); L = L_rec"
+            )
         self._build_branches(config, features)
         self._init_branches(features)
 
@@ -99,9 +116,9 @@ class VLM2RecSASRec(SASRec):
         """Our keys, checked (SASRec has read its own)."""
         if self.loss_type != "CE":
             raise ConfigError(f"VLM2RecSASRec trains with loss_type: CE (over all items), got {self.loss_type!r}")
-        self.modalities = modality_list(config["feature_modalities"], MODALITIES)
+        self.modalities = modality_list(config["feature_modalities"], MODALITIES)  # None: what the prefix has
         self.use_id_embedding = bool(config["use_id_embedding"])
-        if not self.modalities and not self.use_id_embedding:
+        if self.modalities == [] and not self.use_id_embedding:
             raise ConfigError(
                 "VLM2RecSASRec has no item representation: feature_modalities is empty and use_id_embedding is "
                 "False. List feature_modalities (e.g. [text, image]) or set use_id_embedding: True."
@@ -114,16 +131,21 @@ class VLM2RecSASRec(SASRec):
         self.adapter_dropout_prob = _non_negative(config, "adapter_dropout")
         if self.adapter_dropout_prob >= 1:
             raise ConfigError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout_prob!r}")
-        self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"]) and len(self.modalities) == 2
+        self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"])
 
     def _load_features(self, config, dataset) -> Dict[str, ItemFeatures]:
         item_tokens = dataset.field2id_token[self.ITEM_ID]
+        wanted = self.modalities or list(MODALITIES)
         prefix = os.path.abspath(
             resolve_feature_prefix(
-                config["feature_prefix"], self.modalities, config["checkpoint_dir"], dataset.dataset_name, item_tokens
+                config["feature_prefix"], wanted, config["checkpoint_dir"], dataset.dataset_name, item_tokens
             )
         )
-        features = load_item_features(prefix, self.modalities, item_tokens, config["missing_item_policy"])
+        if self.modalities is None:
+            wanted = available_modalities(prefix, MODALITIES)
+            getLogger().info(f"feature_modalities: ~ -> {wanted} (the modalities {prefix} has)")
+        config["feature_modalities"] = wanted  # checkpoints keep the config: a reload reads the same modalities
+        features = load_item_features(prefix, wanted, item_tokens, config["missing_item_policy"])
         for modality, feature in features.items():
             if not feature.present.any():
                 raise DataError(
@@ -164,7 +186,7 @@ class VLM2RecSASRec(SASRec):
         else:
             self.item_tables = nn.ModuleDict({m: nn.Embedding(self.n_items, self.hidden_size) for m in features})
         self.adapter_dropout = nn.Dropout(self.adapter_dropout_prob)
-        if self.modalities:
+        if len(features) == 2:
             try:
                 self.objective = VLM2RecObjective.from_settings(config, crtr_weight=self.lambda_)
             except (TypeError, ValueError) as error:
@@ -245,7 +267,7 @@ class VLM2RecSASRec(SASRec):
         items = self.item_representations(branches)
         user = self._user_vectors(interaction, items)
         rec_loss = self.loss_fct(torch.matmul(user, items.transpose(0, 1)), pos_items)
-        if not branches:
+        if not self.uses_modality_terms:
             zero = rec_loss.new_zeros(())
             return rec_loss, zero, zero
         # The terms act on the modality branches only; the sequence encoder learns from L_rec and the user
