@@ -135,6 +135,20 @@ def test_dataset_without_one_modality_trains_on_the_other(tmp_path, missing, pre
     np.testing.assert_allclose(np.linalg.norm(arrays["fused"], axis=1), 1.0, atol=1e-5)
 
 
+def test_one_modality_and_a_trainable_vision_tower_are_logged(tmp_path, caplog):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    with caplog.at_level("INFO"):
+        _model_and_batch(data, modalities=["text"])
+    assert "VLM2Rec: one modality (text): the loss is plain InfoNCE on it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        model, _ = _model_and_batch(data, train_vision_tower=True, finetune="full")
+    assert not model.encoder.uses_vision_cache
+    assert "vision cache: off, the vision tower trains (train_vision_tower: True)" in caplog.text
+    assert "one modality" not in caplog.text
+
+
 def test_dataset_without_sidecar_is_a_clear_error(tmp_path):
     data = tmp_path / "data"
     folder = write_tiny_multimodal_dataset(data)

@@ -108,6 +108,11 @@ class VLM2Rec(SequentialRecommender):
             self.item_images = [None] * len(self.item_images)
         if not self.use_text:
             self.item_texts = [""] * len(self.item_texts)
+        if self.use_text != self.use_image:
+            self.logger.info(
+                f"VLM2Rec: one modality ({'text' if self.use_text else 'image'}): the loss is plain InfoNCE on it; "
+                "WPCL's penalty and CRTR compare text with image, so they are off (beta and lambda have no effect)"
+            )
 
     # ------------------------------------------------------------------------------------------ inputs
     def _histories(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
