@@ -610,6 +610,21 @@ def _extract_2018(item_id, rec, where, problems) -> ItemMeta:
                     _first_str(rec.get("imageURLHighRes")) or _first_str(rec.get("imageURL")))
 
 
+def extract_item_fields(item_id, rec, where, problems) -> ItemMeta:
+    """An item of the ``{item: {title, description, brand, categories}}`` layout that public sequential and
+    generative recommendation repositories publish beside ``{user: [items]}`` (``from-sequences --items``):
+    normalised as the releases above are; ``categories`` is a list or one comma-separated path; no image."""
+    categories = rec.get("categories")
+    if isinstance(categories, str):
+        categories = categories.split(",")
+    return ItemMeta(str(item_id),
+                    " ".join(_text(rec.get("title"), "title", where, problems)),
+                    "\n".join(_text(rec.get("description"), "description", where, problems)),
+                    _unique(_text(categories, "categories", where, problems)),
+                    " ".join(_text(rec.get("brand"), "brand", where, problems)),
+                    None)
+
+
 def _image_2023(images) -> Optional[str]:
     """The main image of a 2023 record: the MAIN variant if any, its hi_res, else large, else thumb.
 

@@ -154,12 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("from-sequences", help="convert per-user ordered item lists",
                        description='Convert a JSON object {"<user>": [<item>, ...], ...} (each list in time '
-                                   'order) into NAME.inter with timestamps 1, 2, 3, ... per user.')
+                                   'order) into NAME.inter with timestamps 1, 2, 3, ... per user; with --items, '
+                                   'also the text sidecar and NAME.item from the item metadata beside them.')
     p.add_argument("--input", type=pathlib.Path, required=True, metavar="FILE", help="JSON file")
     p.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR", help="data path (DIR/NAME/)")
     p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
     p.add_argument("--kcore", type=_non_negative_int, default=0, metavar="K",
                    help="iterative k-core (default 0: keep the sequences as given)")
+    p.add_argument("--items", type=pathlib.Path, default=None, metavar="ITEMS.json",
+                   help='item metadata {"<item>": {"title", "description", "brand", "categories"}}: also '
+                        "write the text sidecar and NAME.item, as the amazon command does")
     return parser
 
 
@@ -190,7 +194,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         stats = json.loads((dataset_dir / f"{DEMO_NAME}.stats.json").read_text(encoding="utf-8"))
         result = Result(dataset_dir, stats, Problems())
     else:
-        result = convert_sequences(args.input, args.out, args.dataset, kcore=args.kcore)
+        result = convert_sequences(args.input, args.out, args.dataset, kcore=args.kcore, items_path=args.items)
     for line in result.problems.summary_lines():
         print(line, file=sys.stderr)
     print(format_summary(result))

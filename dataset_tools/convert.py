@@ -154,7 +154,7 @@ def _convert_amazon(job: AmazonJob, dataset_dir: pathlib.Path) -> Result:
         _require_rows(frame, filters, job)
 
     frame = preprocess.sort_by_user_time(frame)
-    records = [_sidecar_record(meta[i], images.paths[i]) for i in sorted(preprocess.present(frame, "item"))]
+    records = [sidecar_record(meta[i], images.paths[i]) for i in sorted(preprocess.present(frame, "item"))]
     source = {"kind": "amazon", "version": version, "version_detected": detected,
               "reviews": str(job.reviews), "meta": str(job.meta), "reviews_read": reviews_read,
               **job.source_extra}
@@ -175,7 +175,8 @@ def _require_rows(frame, filters, job: AmazonJob) -> None:
                               f"lower --kcore or --min-rating, or check that reviews and metadata match")
 
 
-def _sidecar_record(item: amazon.ItemMeta, image: Optional[str]) -> dict:
+def sidecar_record(item: amazon.ItemMeta, image: Optional[str]) -> dict:
+    """The text sidecar's record of one item (the one place its fields are laid out)."""
     return {"item_id": item.item_id, "title": item.title, "description": item.description,
             "categories": item.categories, "brand": item.brand, "image": image}
 

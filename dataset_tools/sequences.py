@@ -1,10 +1,17 @@
-"""``from-sequences``: per-user ordered item lists -> ``NAME.inter`` with order-derived timestamps.
+"""``from-sequences``: per-user ordered item lists (and item metadata) -> a RecBole dataset.
 
 Input: one JSON object ``{"<user>": [<item>, <item>, ...], ...}``, each list in the user's time order
 (the format of ``shared/data/amazon-beauty-2014-5core/Beauty.inter.json``). Ids may be strings or
 integers; both become tokens. The n-th item of a user's list gets timestamp n (1, 2, ...), which is
-all that RecBole's time ordering (``order: TO``) needs. No ratings, no metadata: only ``NAME.inter``,
-``NAME.stats.json`` and ``NAME.problems.jsonl`` are written.
+all that RecBole's time ordering (``order: TO``) needs. Written: ``NAME.inter``, ``NAME.stats.json`` and
+``NAME.problems.jsonl``.
+
+With ``items`` (``--items ITEMS.json``), the metadata layout that many public sequential and generative
+recommendation repositories publish beside such sequences, ``{"<item>": {"title", "description", "brand",
+"categories"}}``, the text sidecar ``NAME.text.jsonl`` and ``NAME.item`` (categories, brand) are written
+too, normalised exactly as ``vlm2rec-data amazon`` does (``amazon.extract_item_fields``; no images). An item
+of the sequences without metadata keeps its interactions and gets empty text (each one listed as a problem,
+``item_without_metadata``); metadata of items that no sequence holds is ignored (counted in the stats).
 
 Repeated items within a list are kept (they are real repeat purchases in some data sets) and counted
 in the stats; an optional k-core can be applied.
@@ -17,22 +24,45 @@ import pathlib
 import numpy as np
 
 from . import preprocess
-from .convert import Result, output_dir, write_dataset
+from .amazon import extract_item_fields
+from .convert import Result, output_dir, sidecar_record, write_dataset
 from .problems import FatalInputError, Problems
 
 
-def convert_sequences(input_path, out, name: str, kcore: int = 0) -> Result:
-    input_path = pathlib.Path(input_path)
-    if not input_path.is_file():
-        raise FatalInputError(f"{input_path}: file not found")
+def _read_json_object(path: pathlib.Path, layout: str) -> dict:
+    if not path.is_file():
+        raise FatalInputError(f"{path}: file not found")
     try:
-        with open(input_path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise FatalInputError(f"{input_path}: not a JSON file ({e})") from None
+        raise FatalInputError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(data, dict):
-        raise FatalInputError(f'{input_path}: expected a JSON object {{"<user>": [<item>, ...]}}, '
-                              f"got a {type(data).__name__}")
+        raise FatalInputError(f"{path}: expected a JSON object {layout}, got a {type(data).__name__}")
+    return data
+
+
+def _item_records(items_path: pathlib.Path, item_ids, problems: Problems) -> tuple[list, int]:
+    """Sidecar records of ``item_ids`` from the metadata file, and how many of its items no sequence holds."""
+    meta = _read_json_object(items_path, '{"<item>": {"title": ..., "description": ..., "brand": ..., '
+                                         '"categories": ...}}')
+    records = []
+    for item_id in sorted(item_ids):
+        where = f"{items_path}: item {item_id}"
+        rec = meta.get(item_id)
+        if rec is None:
+            problems.add("item_without_metadata", where, "no entry in the metadata; kept with empty text")
+            rec = {}
+        elif not isinstance(rec, dict):
+            problems.add("meta_bad_field", where, f"expected an object, got {type(rec).__name__}; empty text")
+            rec = {}
+        records.append(sidecar_record(extract_item_fields(item_id, rec, where, problems), None))
+    return records, len(set(meta) - set(item_ids))
+
+
+def convert_sequences(input_path, out, name: str, kcore: int = 0, items_path=None) -> Result:
+    input_path = pathlib.Path(input_path)
+    data = _read_json_object(input_path, '{"<user>": [<item>, ...]}')
     problems = Problems()
     users, items, positions = [], [], []
     repeats = 0
@@ -64,6 +94,10 @@ def convert_sequences(input_path, out, name: str, kcore: int = 0) -> Result:
     frame = preprocess.sort_by_user_time(frame)
     source = {"kind": "sequences", "input": str(input_path), "users_read": len(data),
               "repeated_items_in_sequences": repeats, "timestamps": "position in the user's list, from 1"}
+    records = None
+    if items_path is not None:
+        records, unused = _item_records(pathlib.Path(items_path), set(preprocess.present(frame, "item")), problems)
+        source.update(items=str(items_path), metadata_items_not_in_sequences=unused)
     with output_dir(out, name) as dataset_dir:
-        stats = write_dataset(dataset_dir, name, frame, None, problems, source, filters, {"kcore": kcore})
+        stats = write_dataset(dataset_dir, name, frame, records, problems, source, filters, {"kcore": kcore})
     return Result(dataset_dir, stats, problems)

@@ -173,6 +173,49 @@ def test_from_sequences(tmp_path):
     assert not (tmp_path / "seq" / "seq.item").exists()
 
 
+ITEMS = {  # the same items in both layouts below; entities, padding and a comma-separated category path
+    "A1": {"title": "Ultra &amp; Gentle  Pen ", "description": "Blue ink &lt;0.5 mm&gt;", "brand": "Pen&amp;Co",
+           "categories": ["Office Products", "Writing", "Pens"]},
+    "A2": {"title": "Stapler", "description": "", "brand": "", "categories": ["Office Products", "Staplers"]},
+    "A3": {"title": "Sticky notes, 12 pack", "description": "Yellow", "brand": "Notely",
+           "categories": ["Office Products"]},
+}
+SEQUENCES = {"u1": ["A1", "A2", "A3"], "u2": ["A2", "A1"], "u3": ["A3", "A1", "A2"]}
+
+
+def test_from_sequences_items_match_the_amazon_converter(tmp_path):
+    """The {item: {title, description, brand, categories}} layout gives the sidecar and .item that the Amazon
+    converter writes for the same items (given as 2018 metadata and reviews)."""
+    meta, reviews = [], []
+    for item, fields in ITEMS.items():
+        meta.append({"asin": item, "title": fields["title"], "description": [fields["description"]],
+                     "brand": fields["brand"], "category": fields["categories"], "imageURL": []})
+    for user, items in SEQUENCES.items():
+        reviews += [{"reviewerID": user, "asin": item, "overall": 5.0, "unixReviewTime": 1600000000 + n}
+                    for n, item in enumerate(items)]
+    (tmp_path / "meta.json").write_text("\n".join(map(json.dumps, meta)) + "\n")
+    (tmp_path / "reviews.json").write_text("\n".join(map(json.dumps, reviews)) + "\n")
+    assert main(["amazon", "--reviews", str(tmp_path / "reviews.json"), "--meta", str(tmp_path / "meta.json"),
+                 "--out", str(tmp_path), "--dataset", "amz", "--kcore", "0", "--no-progress"]) == 0
+
+    layout = {item: dict(fields, categories=", ".join(fields["categories"])) for item, fields in ITEMS.items()}
+    layout["A9"] = {"title": "in no sequence"}
+    (tmp_path / "items.json").write_text(json.dumps(layout))
+    (tmp_path / "seq.json").write_text(json.dumps({**SEQUENCES, "u4": ["A1", "B7"]}))
+    assert main(["from-sequences", "--input", str(tmp_path / "seq.json"), "--items", str(tmp_path / "items.json"),
+                 "--out", str(tmp_path), "--dataset", "seq"]) == 0
+    ours, theirs = read_item_sidecar(tmp_path / "seq", "seq"), read_item_sidecar(tmp_path / "amz", "amz")
+    assert ours["A1"]["title"] == "Ultra & Gentle  Pen" and ours["A1"]["brand"] == "Pen&Co"
+    assert {k: ours[k] for k in theirs} == theirs
+    assert ours["B7"] == {"item_id": "B7", "title": "", "description": "", "categories": [], "brand": "",
+                          "image": None}
+    item_rows = (tmp_path / "seq" / "seq.item").read_text().splitlines()
+    assert item_rows[:4] == (tmp_path / "amz" / "amz.item").read_text().splitlines()
+    stats = json.loads((tmp_path / "seq" / "seq.stats.json").read_text())
+    assert stats["problems"] == {"item_without_metadata": 1} and stats["source"]["metadata_items_not_in_sequences"] == 1
+    assert stats["items_with_text"] == 3
+
+
 @pytest.mark.skipif(not BEAUTY.is_file(), reason="shared Amazon Beauty data not present")
 def test_from_sequences_on_amazon_beauty(tmp_path):
     assert main(["from-sequences", "--input", str(BEAUTY), "--out", str(tmp_path), "--dataset", "beauty"]) == 0
