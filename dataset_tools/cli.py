@@ -1,8 +1,9 @@
 """``vlm2rec-data``: build RecBole datasets (atomic files + item text + images) for recbole-vlm2rec.
 
 Subcommands: ``amazon`` (raw Amazon 2014/2018/2023 reviews + metadata), ``synthetic`` (a generated
-multimodal catalog with planted signal), ``demo`` (the small offline ``vlm2rec-demo`` dataset) and
-``from-sequences`` (per-user ordered item lists).
+multimodal catalog with planted signal), ``demo`` (the small offline ``vlm2rec-demo`` dataset),
+``from-sequences`` (per-user ordered item lists, optionally with item metadata) and ``features`` (item features
+of a converted dataset from frozen pretrained text/image encoders, ``recbole_vlm2rec.data.frozen_features``).
 
 Exit codes:
   0    the dataset was written (bad records, if any, were skipped, counted and listed; see the summary);
@@ -13,6 +14,8 @@ Exit codes:
   2    wrong command-line usage (argparse's message);
   130  interrupted (Ctrl-C): downloads in progress are cut off at once, finished images are kept and a
        rerun resumes.
+``features`` exits 1 on data it cannot use (no dataset, a bad sidecar) and 2 on bad settings (an unknown
+text field, weights that cannot be found: the message says how to get them, a missing ``features`` extra).
 """
 from __future__ import annotations
 
@@ -164,6 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=pathlib.Path, default=None, metavar="ITEMS.json",
                    help='item metadata {"<item>": {"title", "description", "brand", "categories"}}: also '
                         "write the text sidecar and NAME.item, as the amazon command does")
+
+    p = sub.add_parser("features", help="item features from frozen pretrained text/image encoders",
+                       description="Encode the items of a converted dataset with a sentence-transformers text "
+                                   "encoder and/or a CLIP/SigLIP image encoder and write them in the item-embedding "
+                                   "format (PREFIX.text.npy, PREFIX.image.npy + .json sidecars), which "
+                                   "VLM2RecSASRec reads with --feature_prefix=PREFIX. Items without text or image "
+                                   "get zero rows marked absent (counted). Offline: weights are a local directory "
+                                   'or already in the Hugging Face cache (pip install ".[features]").')
+    p.add_argument("--data", type=pathlib.Path, required=True, metavar="DIR", help="data path (DIR/NAME/)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
+    p.add_argument("--text-encoder", default=None, metavar="ID_OR_PATH",
+                   help="sentence-transformers model id or directory (e.g. sentence-transformers/all-MiniLM-L6-v2)")
+    p.add_argument("--image-encoder", default=None, metavar="ID_OR_PATH",
+                   help="transformers CLIP or SigLIP model id or directory (e.g. openai/clip-vit-base-patch32)")
+    p.add_argument("--text-fields", default=None, metavar="F1,F2",
+                   help="comma-separated sidecar fields composed into an item's text, in order (default: all of "
+                        "them, the description last so that it is what a too-long text loses)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="items per forward (default 64)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--out", default=None, metavar="PREFIX",
+                   help="output prefix (default DIR/NAME/features/NAME: writes NAME.text.npy, ...)")
+    p.add_argument("--allow-download", action="store_true", help="download weights from the hub if not cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -193,6 +219,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         dataset_dir = ensure_demo_dataset(args.out)
         stats = json.loads((dataset_dir / f"{DEMO_NAME}.stats.json").read_text(encoding="utf-8"))
         result = Result(dataset_dir, stats, Problems())
+    elif args.command == "features":
+        _features(parser, args)
+        return
     else:
         result = convert_sequences(args.input, args.out, args.dataset, kcore=args.kcore, items_path=args.items)
     for line in result.problems.summary_lines():
@@ -202,6 +231,30 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         rates = oracle_hit_rates(result.dataset_dir, result.stats["dataset"])
         print("  planted signal, Hit@10 of oracles that know the latent attributes: "
               + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+
+
+def _features(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # The encoders are recbole_vlm2rec's (this face may import it; the converters above never do).
+    import logging
+
+    from recbole_vlm2rec.data.frozen_features import write_item_features
+    from recbole_vlm2rec.errors import ConfigError, DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fields = [f.strip() for f in args.text_fields.split(",") if f.strip()] if args.text_fields else None
+    try:
+        summary = write_item_features(str(args.data), args.dataset, args.text_encoder, args.image_encoder, fields,
+                                      args.batch_size, args.device, args.out, args.allow_download,
+                                      progress=not args.no_progress)
+    except DataError as e:
+        raise FatalInputError(str(e)) from None
+    except ConfigError as e:
+        parser.error(f"features: {e}")  # exits with status 2
+    print(f"wrote item features {summary['prefix']}.{{{','.join(summary['paths'])}}}.npy; use "
+          f"--feature_prefix={summary['prefix']} with VLM2RecSASRec")
+    for modality, counts in summary["modalities"].items():
+        print(f"  {modality}: {counts['items'] - counts['absent']:,} of {counts['items']:,} items, "
+              f"{counts['absent']:,} absent (zero rows, marked in the sidecar)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
