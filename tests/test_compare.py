@@ -19,7 +19,7 @@ import pytest
 from helpers import FIXTURES, REPO_ROOT, write_tiny_multimodal_dataset
 
 from recbole_vlm2rec import compare
-from recbole_vlm2rec.compare.plan import Plan, producers_first
+from recbole_vlm2rec.compare.plan import Plan, Variant, producers_first
 from recbole_vlm2rec.registry import available_models, model_inputs, model_outputs
 
 TINY = [f"--data_path={FIXTURES}", f"--config_files={FIXTURES / 'tiny-seq.yaml'}", "--epochs=1"]
@@ -124,7 +124,7 @@ def test_downstream_model_waits_for_vlm2rec_and_all_failed_exits_1(tmp_path, cap
         (["--dataset=tiny-seq", "--models=SASRec", "--seeds=1,1"], "seed 1 is listed twice"),
         (["--dataset=no-such-data", "--models=SASRec", "--data_path=."], "unknown dataset 'no-such-data'"),
         (["--dataset=tiny-seq", "--models=SASRec", "--seed=3"], "use --seeds"),
-        (["--dataset=tiny-seq", "--models=SASRec", "--model_config=GRU4Rec=x.yaml"], "not in --models"),
+        (["--dataset=tiny-seq", "--models=SASRec", "--model_config=GRU4Rec=x.yaml"], "is not a row of the comparison"),
         (["--dataset=tiny-seq", "--models=SASRec", "--config_files=nope.yaml"], "config file not found"),
     ],
 )
@@ -179,6 +179,58 @@ def test_plan_hands_a_consumer_its_producers_export_of_the_same_seed(tmp_path):
     assert plan.request("SASRecF", 1, records)[0]["derive_inputs"] == []  # the user's own setting wins
     alone = Plan("tiny-mm", ["VLM2RecSASRec"], [1], tmp_path / "cmp")
     assert alone.request("VLM2RecSASRec", 1, {})[0]["derive_inputs"] == ["item_embeddings"]
+
+
+def test_a_variant_is_a_row_with_its_own_settings_and_name(tmp_path):
+    variant = "VLM2RecSASRec + MiniLM text"
+    plan = Plan("tiny-mm", [variant, "VLM2RecSASRec", "VLM2Rec"], [1], tmp_path / "cmp", extras=["--epochs=1"],
+                variants={variant: Variant("VLM2RecSASRec", ("--feature_prefix=/feat/office", "--epochs=3"))})
+    assert plan.models == ["VLM2Rec", variant, "VLM2RecSASRec"]  # the producer first, as for the model itself
+    records = {("VLM2Rec", 1): {"status": "ok", "run_id": "r1", "exports": {"item_embeddings": "/x/item_embeddings"}}}
+    request, reason = plan.request(variant, 1, records)
+    assert reason is None and request["model"] == "VLM2RecSASRec" and request["row"] == variant
+    # its own settings replace the command's, and its own feature_prefix replaces the hand-off
+    assert request["argv"] == ["--feature_prefix=/feat/office", "--epochs=3", "--seed=1"]
+    assert request["fingerprint"]["upstream_run"] is None
+    assert plan.run_dir(variant, 1) == (tmp_path / "cmp").resolve() / "runs" / "VLM2RecSASRec_+_MiniLM_text-seed1"
+    plain, _ = plan.request("VLM2RecSASRec", 1, records)
+    assert plain["argv"] == ["--epochs=1", "--seed=1", "--feature_prefix=/x/item_embeddings"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--variant=small=NoSuchModel --n_layers=1"], "variant 'small': unknown model 'NoSuchModel'"),
+        (["--variant=SASRec=SASRec --n_layers=1"], "has the name of a model in --models"),
+        (["--variant=small SASRec"], "bad --variant"),
+        (["--variant=small=SASRec n_layers=1"], "unexpected 'n_layers=1'"),
+        (["--variant=small=SASRec --seed=3"], "cannot be set per row"),
+        (["--variant=a b=SASRec", "--variant=a_b=SASRec"], "would share the run folder 'a_b'"),
+        (["--variant=small=SASRec", "--variant=small=GRU4Rec"], "variant 'small' is defined twice"),
+    ],
+)
+def test_bad_variants_exit_2(tmp_path, capsys, args, expected):
+    assert compare.main(["--dataset=tiny-seq", "--models=SASRec", *args, f"--data_path={FIXTURES}",
+                         f"--out={tmp_path / 'cmp'}"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_variants_from_the_command_line_and_a_yaml_file_run_side_by_side(tmp_path, capsys):
+    listed = tmp_path / "variants.yaml"
+    listed.write_text("GRU4Rec, 2 layers:\n  model: GRU4Rec\n  num_layers: 2\n")
+    out = tmp_path / "cmp"
+    code = compare.main(["--dataset=tiny-seq", "--models=SASRec", "--variant=SASRec, 2 layers=SASRec --n_layers=2",
+                         f"--variants={listed}", f"--out={out}", *TINY])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    rows = {row["model"]: row for row in _csv(out / "results.csv")}
+    assert list(rows) == ["SASRec", "SASRec, 2 layers", "GRU4Rec, 2 layers"]
+    assert all(row["status"] == "ok" for row in rows.values())
+    request = json.loads((out / "runs" / "SASRec_2_layers-seed2020" / "request.json").read_text())
+    assert request["model"] == "SASRec" and "--n_layers=2" in request["argv"]
+    gru = json.loads((out / "runs" / "GRU4Rec_2_layers-seed2020" / "request.json").read_text())
+    assert gru["model"] == "GRU4Rec" and "--num_layers=2" in gru["argv"]
+    assert int(rows["SASRec, 2 layers"]["params"]) > int(rows["SASRec"]["params"])
 
 
 def test_vlm2rec_export_is_handed_to_vlm2recsasrec(tmp_path, capsys):

@@ -3,10 +3,19 @@
 Usage::
 
     vlm2rec-compare --dataset=NAME --models=SASRec,GRU4Rec,BERT4Rec,FDSA,SASRecF,VLM2Rec,VLM2RecSASRec
-                    [--config_files="a.yaml b.yaml"] [--model_config MODEL=FILE ...] [--seeds=1,2,3]
+                    [--variant 'NAME=MODEL --key=value ...' ...] [--variants FILE]
+                    [--config_files="a.yaml b.yaml"] [--model_config ROW=FILE ...] [--seeds=1,2,3]
                     [--protocol=full|uni100] [--out=DIR] [--run_timeout=SECONDS] [--key=value ...]
 
 What it does:
+
+* A row of the table is a model of ``--models`` (named by the model) or a *variant*: a model with settings
+  of its own, named by what it is, e.g.
+  ``--variant 'VLM2RecSASRec + MiniLM text=VLM2RecSASRec --feature_prefix=data/office/features/office'``
+  (repeatable), or from a YAML file, ``--variants FILE`` holding ``{NAME: {model: MODEL, <key>: <value>}}``.
+  A variant's settings replace the command's ``--key=value`` of the same keys (a ``feature_prefix`` of its own
+  also replaces the hand-off below); its run folders are named after it (``A + B text`` ->
+  ``A_+_B_text-seed<S>``).
 
 * Every (model, seed) runs in its own subprocess (``python -m recbole_vlm2rec.compare --child REQUEST``),
   so that a crash or an out-of-memory in one model never takes the others down and RecBole's global state

@@ -9,11 +9,20 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from recbole_vlm2rec.cli import UsageError
 from recbole_vlm2rec.compare import reports
-from recbole_vlm2rec.compare.plan import DEFAULT_SEED, PROG, PROTOCOLS, RESERVED_KEYS, Plan, option_key
+from recbole_vlm2rec.compare.plan import (
+    DEFAULT_SEED,
+    PROG,
+    PROTOCOLS,
+    RESERVED_KEYS,
+    Plan,
+    Variant,
+    option_key,
+    run_folder_name,
+)
 from recbole_vlm2rec.compare.supervise import Supervisor
 
 RESERVED_KEY_HINTS = {"seed": "use --seeds", "checkpoint_dir": "each run saves into <out>/runs/<model>-seed<S>/saved",
@@ -29,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Config (e.g. --epochs=1 --gpu_id='').",
     )
     parser.add_argument("--dataset", "-d", required=True, help="dataset name (as for run_recbole)")
-    parser.add_argument("--models", "-m", required=True, help="comma-separated model names, e.g. SASRec,FDSA,VLM2Rec")
+    parser.add_argument("--models", "-m", default=None, help="comma-separated model names, e.g. SASRec,FDSA,VLM2Rec")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="'NAME=MODEL --key=value ...'",
+        help="a row named NAME: MODEL with settings of its own (replacing the command's for the same keys), e.g. "
+        "'VLM2RecSASRec + MiniLM text=VLM2RecSASRec --feature_prefix=data/office/features/office'; repeatable",
+    )
+    parser.add_argument(
+        "--variants", default=None, metavar="FILE",
+        help="YAML file of variants: {NAME: {model: MODEL, <key>: <value>, ...}, ...}, rows after --variant's",
+    )
     parser.add_argument("--config_files", default=None, help="space-separated YAML files applied to every model")
     parser.add_argument(
         "--model_config", action="append", default=[], metavar="MODEL=FILE",
@@ -65,7 +83,7 @@ def parse_models(text: str) -> List[str]:
     from recbole_vlm2rec.registry import UnknownModelError, check_model_name
 
     models: List[str] = []
-    for name in (n.strip() for n in text.split(",")):
+    for name in (n.strip() for n in (text or "").split(",")):
         if not name:
             continue
         try:
@@ -74,9 +92,81 @@ def parse_models(text: str) -> List[str]:
             raise UsageError(str(error)) from None
         if name not in models:
             models.append(name)
-    if not models:
-        raise UsageError("--models is empty: name at least one model (comma-separated, as run_recbole's --model)")
     return models
+
+
+def _variant_argv(name: str, argv: Sequence[str]) -> Tuple[str, ...]:
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UsageError(f"variant {name!r}: unexpected {arg!r}; settings are --key=value, e.g. --epochs=1")
+        key = option_key(arg)
+        if key in RESERVED_KEYS:
+            raise UsageError(f"variant {name!r}: --{key} cannot be set per row: {RESERVED_KEY_HINTS[key]}")
+    return tuple(argv)
+
+
+def _yaml_value(value) -> str:
+    """A YAML value as RecBole reads it from a command line (text as it is, anything else a Python literal)."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def parse_variants(entries: Sequence[str], path: Optional[str]) -> Dict[str, Variant]:
+    """The variants of ``--variant NAME=MODEL --k=v ...`` entries, then of the ``--variants`` YAML file."""
+    import shlex
+
+    import yaml
+
+    from recbole_vlm2rec.registry import UnknownModelError, check_model_name
+
+    found: List[Tuple[str, str, Tuple[str, ...]]] = []
+    for entry in entries:
+        name, sep, rest = entry.partition("=")
+        words = shlex.split(rest) if sep else []
+        if not sep or not name.strip() or not words:
+            raise UsageError(f"bad --variant {entry!r}: expected 'NAME=MODEL --key=value ...', e.g. "
+                             "--variant 'small=MODEL --hidden_size=32'")
+        found.append((name.strip(), words[0], _variant_argv(name.strip(), words[1:])))
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                listed = yaml.safe_load(handle) or {}
+        except OSError as error:
+            raise UsageError(f"--variants {path}: cannot read it ({error.strerror})") from None
+        except yaml.YAMLError as error:
+            raise UsageError(f"--variants {path}: not valid YAML ({error})") from None
+        if not isinstance(listed, dict) or not all(isinstance(v, dict) and "model" in v for v in listed.values()):
+            raise UsageError(f"--variants {path}: expected {{NAME: {{model: MODEL, <key>: <value>, ...}}, ...}}")
+        for name, settings in listed.items():
+            argv = [f"--{key}={_yaml_value(value)}" for key, value in settings.items() if key != "model"]
+            found.append((str(name), str(settings["model"]), _variant_argv(str(name), argv)))
+    variants: Dict[str, Variant] = {}
+    for name, model, argv in found:
+        try:
+            check_model_name(model)
+        except UnknownModelError as error:
+            raise UsageError(f"variant {name!r}: {error}") from None
+        if name in variants:
+            raise UsageError(f"variant {name!r} is defined twice")
+        variants[name] = Variant(model, argv)
+    return variants
+
+
+def check_rows(models: Sequence[str], variants: Dict[str, Variant]) -> List[str]:
+    """Every row's name, in order (models, then variants); names and their run folders must be distinct."""
+    rows = list(models) + list(variants)
+    if not rows:
+        raise UsageError("no models: name at least one with --models (comma-separated, as run_recbole's --model) "
+                         "or --variant")
+    clash = [name for name in variants if name in models]
+    if clash:
+        raise UsageError(f"variant {clash[0]!r} has the name of a model in --models; name the variant by what it is")
+    folders: Dict[str, str] = {}
+    for row in rows:
+        other = folders.setdefault(run_folder_name(row), row)
+        if other != row:
+            raise UsageError(f"rows {other!r} and {row!r} would share the run folder {run_folder_name(row)!r}; "
+                             "rename one")
+    return rows
 
 
 def split_files(text: Optional[str]) -> List[str]:
@@ -90,7 +180,8 @@ def parse_model_configs(entries: Sequence[str], models: Sequence[str]) -> Dict[s
         if not sep or not name or not files.strip():
             raise UsageError(f"bad --model_config {entry!r}: expected MODEL=FILE (e.g. --model_config MODEL=its.yaml)")
         if name not in models:
-            raise UsageError(f"--model_config {entry!r}: model {name!r} is not in --models ({', '.join(models)})")
+            raise UsageError(f"--model_config {entry!r}: {name!r} is not a row of the comparison (--models or a "
+                             f"variant: {', '.join(models)})")
         per_model.setdefault(name, []).extend(split_files(files))
     return per_model
 
@@ -116,23 +207,26 @@ def prepare(args, extras: List[str]) -> Plan:
     seeds = parse_seeds(args.seeds)
     check_extras(extras)
     models = parse_models(args.models)
+    variants = parse_variants(args.variant, args.variants)
+    rows = check_rows(models, variants)
     config_files = split_files(args.config_files)
-    model_configs = parse_model_configs(args.model_config, models)
+    model_configs = parse_model_configs(args.model_config, rows)
     all_files = list(dict.fromkeys(config_files + [f for files in model_configs.values() for f in files]))
     cli.check_config_files(all_files)
     saved_argv = sys.argv
     sys.argv = [saved_argv[0]] + list(extras)  # RecBole's Config reads --key=value from sys.argv
     try:
-        cli.warn_unknown_keys(all_files, extras)
+        cli.warn_unknown_keys(all_files, list(extras) + [a for v in variants.values() for a in v.argv])
         try:
-            cli.prepare_dataset(models[0], args.dataset, config_files)
+            cli.prepare_dataset(variants[rows[0]].model if rows[0] in variants else rows[0], args.dataset,
+                                config_files)
         except VLM2RecError as error:  # a bad setting (ConfigError): a command-line problem here
             raise UsageError(str(error)) from None
     finally:
         sys.argv = saved_argv
     out = Path(args.out or os.path.join("compare", args.dataset))
-    return Plan(args.dataset, models, seeds, out, config_files, model_configs, extras, args.protocol,
-                args.run_timeout)
+    return Plan(args.dataset, rows, seeds, out, config_files, model_configs, extras, args.protocol,
+                args.run_timeout, variants)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -154,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     supervisor = Supervisor(plan)
     supervisor.after_each_run = lambda: reports.write_tables(plan, supervisor.records)
-    supervisor.say(f"{len(plan.models)} model(s) x {len(plan.seeds)} seed(s) on {plan.dataset}; "
+    supervisor.say(f"{len(plan.models)} row(s) x {len(plan.seeds)} seed(s) on {plan.dataset}; "
                    f"output in {plan.out}")
     if not _execute(supervisor):
         return 130

@@ -1,9 +1,12 @@
-"""The run plan of a comparison: which (model, seed) runs exist, in which order, with which settings.
+"""The run plan of a comparison: which (row, seed) runs exist, in which order, with which settings.
 
-* Order: seeds in the order given; within a seed, models in the order given, except that a model that
-  produces what another consumes (``registry.model_outputs`` / ``model_inputs``) runs before it.
-* Settings: ``--config_files`` for every model, then that model's ``--model_config`` files, then the
-  ``--key=value`` arguments and the run's seed; the evaluation (``EVALUATION``, ``--protocol``) is imposed.
+* Rows: each ``--models`` entry is a row named by its model; each variant (``--variant``, ``--variants``) a
+  row named by its label ("VLM2RecSASRec + MiniLM text"), a model with settings of its own.
+* Order: seeds in the order given; within a seed, rows in the order given, except that a row whose model
+  produces what another row's model consumes (``registry.model_outputs`` / ``model_inputs``) runs before it.
+* Settings: ``--config_files`` for every row, then that row's ``--model_config`` files, then the
+  ``--key=value`` arguments (a variant's own replace those of the same key) and the run's seed; the
+  evaluation (``EVALUATION``, ``--protocol``) is imposed.
 * Hand-off: a consumer gets the exact export of its producer's run of the same seed (``inputs.py``).
 * Fingerprint: everything that decides a run's result (dataset, model, seed, protocol, config files and
   their content, arguments, the producer run it read). A ``result.json`` with the same fingerprint is kept
@@ -12,9 +15,10 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from recbole_vlm2rec.compare.files import file_sha1, yaml_keys
 from recbole_vlm2rec.compare.inputs import INPUT_KINDS
@@ -40,24 +44,38 @@ def option_key(arg: str) -> str:
     return arg[2:].split("=", 1)[0]
 
 
-def producers_first(models: Sequence[str]) -> List[str]:
-    """``models`` in their order, each producer moved just before the first model that consumes its export."""
+@dataclass(frozen=True)
+class Variant:
+    """A row of the comparison that is a model with settings of its own (``--key=value`` arguments)."""
+
+    model: str
+    argv: Tuple[str, ...] = ()
+
+
+def run_folder_name(row: str) -> str:
+    """The file-system-safe form of a row's name, for its run folders ("A + B text" -> "A_+_B_text")."""
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", row.strip()) or "_"
+
+
+def producers_first(rows: Sequence[str], model_of: Callable[[str], str] = lambda row: row) -> List[str]:
+    """``rows`` in their order, each producer moved just before the first row that consumes its export
+    (``model_of`` gives a row's model)."""
     from recbole_vlm2rec.registry import model_inputs, model_outputs
 
     ordered: List[str] = []
 
-    def place(model: str, pending: set) -> None:
-        if model in ordered or model in pending:  # placed already, or a cycle: keep the given order
+    def place(row: str, pending: set) -> None:
+        if row in ordered or row in pending:  # placed already, or a cycle: keep the given order
             return
-        pending.add(model)
-        for name in model_inputs(model):
-            for producer in models:
-                if producer != model and name in model_outputs(producer):
+        pending.add(row)
+        for name in model_inputs(model_of(row)):
+            for producer in rows:
+                if producer != row and name in model_outputs(model_of(producer)):
                     place(producer, pending)
-        ordered.append(model)
+        ordered.append(row)
 
-    for model in models:
-        place(model, set())
+    for row in rows:
+        place(row, set())
     return ordered
 
 
@@ -83,13 +101,17 @@ def export_path(record: dict, name: str) -> Optional[str]:
 
 
 class Plan:
-    """The (model, seed) runs of one invocation and each run's request (what its child is asked to do)."""
+    """The (row, seed) runs of one invocation and each run's request (what its child is asked to do).
+
+    ``models`` are the rows' names, in the order given: a model's name, or a key of ``variants``."""
 
     def __init__(self, dataset: str, models: Sequence[str], seeds: Sequence[int], out: Path,
                  config_files: Sequence[str] = (), model_configs: Optional[Dict[str, List[str]]] = None,
-                 extras: Sequence[str] = (), protocol: Optional[str] = None, run_timeout: Optional[float] = None):
+                 extras: Sequence[str] = (), protocol: Optional[str] = None, run_timeout: Optional[float] = None,
+                 variants: Optional[Dict[str, Variant]] = None):
         self.dataset = dataset
-        self.models = producers_first(models)
+        self.variants = dict(variants or {})
+        self.models = producers_first(models, self.model_of)
         self.seeds = list(seeds)
         self.out = Path(out).resolve()
         self.config_files = list(config_files)
@@ -97,6 +119,16 @@ class Plan:
         self.extras = list(extras)
         self.protocol = protocol
         self.run_timeout = run_timeout
+
+    def model_of(self, row: str) -> str:
+        """The model a row runs."""
+        return self.variants[row].model if row in self.variants else row
+
+    def argv_of(self, row: str) -> List[str]:
+        """The ``--key=value`` arguments of a row: the command's, those of the variant's keys replaced."""
+        own = list(self.variants[row].argv) if row in self.variants else []
+        keys = {option_key(arg) for arg in own}
+        return [arg for arg in self.extras if option_key(arg) not in keys] + own
 
     def runs(self) -> List[RunKey]:
         """Every (model, seed), in the order they run."""
@@ -107,19 +139,19 @@ class Plan:
 
     def user_keys(self, model: str) -> set:
         """The keys the user set for ``model`` (config files and --key=value): those are never overridden."""
-        keys = {option_key(arg) for arg in self.extras}
+        keys = {option_key(arg) for arg in self.argv_of(model)}
         for path in self.files_for(model):
             keys |= yaml_keys(path)
         return keys
 
     def run_dir(self, model: str, seed: int) -> Path:
-        return self.out / "runs" / f"{model}-seed{seed}"
+        return self.out / "runs" / f"{run_folder_name(model)}-seed{seed}"
 
     def producer_of(self, name: str, consumer: str) -> Optional[str]:
         """The first model of the comparison (other than ``consumer``) that exports ``name``."""
         from recbole_vlm2rec.registry import model_outputs
 
-        return next((m for m in self.models if m != consumer and name in model_outputs(m)), None)
+        return next((m for m in self.models if m != consumer and name in model_outputs(self.model_of(m))), None)
 
     def handoff(self, model: str, seed: int, records: Dict[RunKey, dict]) -> Handoff:
         """What ``model`` seed ``seed`` reads from the runs before it, given their records so far."""
@@ -127,7 +159,7 @@ class Plan:
 
         user_keys = self.user_keys(model)
         handoff = Handoff()
-        for name in model_inputs(model):
+        for name in model_inputs(self.model_of(model)):
             kind = INPUT_KINDS.get(name)
             if kind is None or kind.config_key in user_keys:  # the user's own setting wins
                 continue
@@ -153,11 +185,11 @@ class Plan:
             return None, handoff.reason
         run_dir = self.run_dir(model, seed)
         files = self.files_for(model)
-        argv = self.extras + [f"--seed={seed}"] + handoff.argv
+        argv = self.argv_of(model) + [f"--seed={seed}"] + handoff.argv
         upstream = handoff.upstream_runs
         fingerprint = {
             "dataset": self.dataset,
-            "model": model,
+            "model": self.model_of(model),
             "seed": seed,
             "protocol": self.protocol,
             "config_files": [[path, file_sha1(path)] for path in files],
@@ -167,7 +199,8 @@ class Plan:
             "evaluation": EVALUATION,
         }
         return {
-            "model": model,
+            "model": self.model_of(model),
+            "row": model,
             "dataset": self.dataset,
             "seed": seed,
             "protocol": self.protocol,

@@ -1,4 +1,4 @@
-"""Running the plan: each (model, seed) in its own child process, supervised.
+"""Running the plan: each (row, seed) in its own child process, supervised.
 
 * Isolation: a crash or an out-of-memory in one run never takes the others down, and RecBole's global
   state (logging, seeds) starts clean in each child.
