@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import FIXTURES, REPO_ROOT, write_tiny_multimodal_dataset
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,22 @@ def test_quick_run_writes_the_results_layout(tmp_path):
     for name in ("results.md", "modality_metrics.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     assert "VLM2Rec (val-selected)" in done.stdout and "oracle Hit@10" in done.stdout
+
+
+def test_own_dataset_with_its_own_settings(tmp_path):
+    """--dataset/--data_path/--config_files: a converted catalog with the user's settings; no planted attributes,
+    so no probes and no oracle, and only the rows asked for."""
+    write_tiny_multimodal_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    done = _run("--dataset", "tiny-mm", "--data_path", str(tmp_path / "data"), "--config_files",
+                str(FIXTURES / "vlm2rec-tiny.yaml"), "--rows", "untrained,image alone,plain", "--seeds", "0",
+                "--epochs", "1", "--jobs", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["rows"]) == ["untrained", "image alone", "plain"] and report["oracle"] is None
+    assert "probe_image_pattern" not in report["rows"]["plain"]
+    assert "vlm_name_or_path" not in report["settings"]  # nothing of the synthetic set-up is pinned: the files decide
+    assert report["rows"]["image alone"]["image_retention"]["values"] == [1.0]
+    assert "oracle Hit@10" not in done.stdout
+    done = _run("--rows", "plain,nonsense", "--out", str(out))
+    assert done.returncode != 0 and "unknown rows ['nonsense']" in done.stderr
