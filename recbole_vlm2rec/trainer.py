@@ -57,7 +57,8 @@ class VLM2RecTrainer(ModalityDiagnosticsTrainer):
             result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         finally:
             self._fitting = False
-        if saved and self.config["export_embeddings"]:
+        # one writer under torch.distributed: rank 0, which also wrote the checkpoint it reloads
+        if saved and self.config["export_embeddings"] and self.config["local_rank"] == 0:
             self._export_best(train_data)
         return result
 

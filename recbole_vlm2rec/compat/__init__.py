@@ -3,7 +3,7 @@
 RecBole 1.2.1 (the latest release) was written for numpy 1.x and torch < 2.6. Every patch below is
 applied once, by ``apply()``, when ``recbole_vlm2rec`` is imported, and each one says why it exists.
 No RecBole file is edited: we only add missing names, wrap functions and swap module-level references.
-The checkpoint patches (3, 9, 11) live in ``checkpoints.py``, the graph one (8) in ``graph.py``; the small
+The checkpoint patches (3, 9, 11) live in ``checkpoints.py``, the graph one (8) in ``graph.py``, the distributed one (14) in ``distributed.py``; the small
 ones here.
 
 1. numpy aliases. numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` and ``np.bool8``, and
@@ -67,6 +67,9 @@ ones here.
    reported as ``None``, with a warning.
 13. KSR. Its pretrained relation vectors stay float64 (RecBole preloads vectors with ``np.zeros``) and meet
    float32 activations: no KSR run gets past its first batch. They are cast to the model's dtype.
+14. Distributed training on CPUs (``distributed.py``). RecBole's ``--nproc`` path hard-codes NCCL and CUDA
+   devices; with ``gpu_id: ''`` (or without CUDA) the processes join a ``gloo`` group on the CPU instead, and
+   the model is wrapped in ``DistributedDataParallel`` without ``device_ids``.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: the package's public nam
     load_checkpoint,
     load_data_and_model,
 )
+from .distributed import _cpu_distributed_training
 from .graph import _ADJACENCY_REPLACEMENTS, ORIGINAL_ADJACENCY_METHODS, _vectorised_graph_adjacency  # noqa: F401
 
 _APPLIED = False
@@ -242,4 +246,5 @@ def apply() -> None:
     _install_safe_checkpoint_loading_in_models()
     _flops_without_predict()
     _ksr_relation_matrix_dtype()
+    _cpu_distributed_training()
     _APPLIED = True

@@ -75,6 +75,11 @@ class VLM2Rec(SequentialRecommender):
         self.encoder = VLMEncoder(encoder_config, cache_dir=config["checkpoint_dir"])
         self.encoder.to(config["device"])
         self.diagnostics = ModalityDiagnostics()
+        if not config["single_spec"]:
+            self.logger.warning(
+                "VLM2Rec under torch.distributed: each process contrasts its own batch of train_batch_size pairs "
+                "(no cross-device negatives yet) and its weak-modality detector decides on that batch alone"
+            )
         if self.use_image and self.encoder.uses_vision_cache:
             stats = self.encoder.warm_vision_cache(
                 [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
