@@ -263,6 +263,17 @@ def _evaluate(trainer, model, data) -> Dict[str, float]:
 
 def run_job(job: Job) -> dict:
     """Train (unless ``untrained``) and evaluate one row for one seed; returns its measurements."""
+    started = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="run-", dir=job.data_path)
+    cwd = os.getcwd()
+    os.chdir(workdir)  # RecBole writes log/ and log_tensorboard/ under the working directory
+    try:
+        return _run_in_workdir(job, workdir, started)
+    finally:
+        os.chdir(cwd)  # with --jobs 1 the run shares the command's process
+
+
+def _run_in_workdir(job: Job, workdir: str, started: float) -> dict:
     import torch
 
     import recbole_vlm2rec  # noqa: F401  (registers the models)
@@ -273,9 +284,6 @@ def run_job(job: Job) -> dict:
     from recbole_vlm2rec.models.vlm2rec import VLM2Rec
     from recbole_vlm2rec.trainer import VLM2RecTrainer
 
-    started = time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="run-", dir=job.data_path)
-    os.chdir(workdir)  # RecBole writes log/ and log_tensorboard/ under the working directory
     config_dict = dict(job.settings)
     config_dict.update({
         "data_path": job.data_path, "checkpoint_dir": os.path.join(workdir, "saved"), "seed": job.seed,
@@ -554,6 +562,7 @@ def parse_args(argv=None):
                         help="measure the weight-gradient ratio every N steps (0: never; 2 extra backwards)")
     parser.add_argument("--data-dir", default=None, help="build the synthetic catalog here (default: a temp dir)")
     args = parser.parse_args(argv)
+    args.out = os.path.abspath(args.out)
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else ",".join(map(str, DEFAULT_SEEDS)))).split(",")
                   if s.strip()]
     args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else DEFAULT_EPOCHS)
@@ -567,6 +576,8 @@ def parse_args(argv=None):
     for path in args.config_files.split():
         if not os.path.isfile(path):
             parser.error(f"--config_files: no file {path}")
+    # every run works in a folder of its own: paths are the caller's
+    args.config_files = " ".join(os.path.abspath(path) for path in args.config_files.split())
     return args
 
 

@@ -77,9 +77,9 @@ def test_the_default_catalog_needs_both_modalities(bench, tmp_path):
     assert min(oracle["text"], oracle["image"]) > 2 * oracle["popularity"]
 
 
-def _run(*args):
+def _run(*args, cwd=None):
     return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "modality_collapse.py"), *args],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
 def test_command_line_errors_name_the_problem(tmp_path):
@@ -121,9 +121,10 @@ def test_own_dataset_with_its_own_settings(tmp_path):
     so no probes and no oracle, and only the rows asked for."""
     write_tiny_multimodal_dataset(tmp_path / "data")
     out = tmp_path / "out"
-    done = _run("--dataset", "tiny-mm", "--data_path", str(tmp_path / "data"), "--config_files",
+    # --jobs 1 runs in the command's own process, and a relative --out is the caller's directory's
+    done = _run("--dataset", "tiny-mm", "--data_path", "data", "--config_files",
                 str(FIXTURES / "vlm2rec-tiny.yaml"), "--rows", "untrained,image alone,plain", "--seeds", "0",
-                "--epochs", "1", "--jobs", "1", "--out", str(out))
+                "--epochs", "1", "--jobs", "1", "--out", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert list(report["rows"]) == ["untrained", "image alone", "plain"] and report["oracle"] is None
