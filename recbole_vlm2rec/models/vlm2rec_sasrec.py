@@ -278,20 +278,15 @@ class VLM2RecSASRec(SASRec):
         return rec_loss, self.alpha * wpcl, self.lambda_ * crtr
 
     def _modality_terms(self, user: Tensor, branches: Dict[str, Tensor], pos_items: Tensor) -> Tuple[Tensor, Tensor]:
-        """(WPCL, CRTR) of the positive items' branch vectors against ``user``; records the diagnostics."""
-
-        def side(modality):
-            return (user, branches[modality][pos_items]) if modality in branches else (None, None)
-
-        (user_text, item_text), (user_image, item_image) = side("text"), side("image")
-        image_mask = self.present_image[pos_items] if "image" in branches else None
+        """(WPCL, CRTR) of the positive items' text and image branch vectors against ``user`` (the same user
+        vector for both: there is one user encoder); records the diagnostics. Only called with both branches."""
         out = self.objective(
-            user_text,
-            user_image,
+            user,
+            user,
             None,
-            item_text,
-            item_image,
-            image_mask,
+            branches["text"][pos_items],
+            branches["image"][pos_items],
+            self.present_image[pos_items],
             item_ids=pos_items,
             grad_norm_ratio=self.grad_norm_diagnostics,
         )
