@@ -169,6 +169,7 @@ def _model_rules() -> Dict[str, Dict[str, Rule]]:
         "item_encode_batch_size": integer(1),
         "user_encode_batch_size": integer(1),
         "grad_norm_diagnostics": BOOLEAN,
+        "cross_device_negatives": optional(BOOLEAN),  # ~ = on when several processes train
         "checkpoint_trainable_only": BOOLEAN,
         "enable_amp": BOOLEAN,
         "amp_dtype": choice("bf16", "fp16"),  # the model maps these two; another name turned autocast off silently
@@ -185,6 +186,7 @@ def _model_rules() -> Dict[str, Dict[str, Rule]]:
         "use_id_embedding": BOOLEAN,
         "alpha": number(0),
         "grad_norm_diagnostics": BOOLEAN,
+        "cross_device_negatives": optional(BOOLEAN),
         "loss_type": choice("CE"),
         "train_neg_sample_args": NO_SAMPLING,
         "n_layers": integer(1),

@@ -33,6 +33,24 @@ def run_cli(args, cwd, env_extra=None, timeout=600, prelude=None):
     )
 
 
+def vlm2rec_model_and_batch(data_path, dataset="tiny-mm", **overrides):
+    """A VLM2Rec built as RecBole builds it, from ``fixtures/vlm2rec-tiny.yaml`` on ``data_path``, and the
+    first training batch (the same model and batch in every process: seeded like a run)."""
+    import recbole_vlm2rec  # noqa: F401  (registers the models and compat shims)
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_vlm2rec.models.vlm2rec import VLM2Rec
+
+    config = Config(model="VLM2Rec", dataset=dataset, config_file_list=[str(FIXTURES / "vlm2rec-tiny.yaml")],
+                    config_dict=dict(data_path=str(data_path), **overrides))
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = VLM2Rec(config, train_data._dataset)
+    return model, next(iter(train_data))
+
+
 def write_tiny_multimodal_dataset(root, name="tiny-mm", n_items=40, n_users=80, seed=0, with_images=True,
                                   with_text=True, broken_images=0):
     """A small multimodal dataset in the ``vlm2rec-data`` output format (atomic files + text sidecar + images).

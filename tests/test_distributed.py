@@ -1,9 +1,16 @@
 """RecBole's distributed path (``run_recbole --nproc``) on CPUs: a gloo process group instead of NCCL
-(recbole_vlm2rec/compat/distributed.py), two processes on this machine's cores."""
+(recbole_vlm2rec/compat/distributed.py), two processes on this machine's cores; cross-device negatives
+(recbole_vlm2rec/cross_device.py)."""
 import glob
 import socket
+import sys
 
-from helpers import FIXTURES, run_cli, write_tiny_multimodal_dataset
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import FIXTURES, run_cli, vlm2rec_model_and_batch, write_tiny_multimodal_dataset
 
 
 def _free_port() -> int:
@@ -31,6 +38,184 @@ def test_vlm2rec_trains_tests_and_exports_once_with_two_cpu_processes(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert output.count("test result:") == 1 and output.count("exported:") == 1
-    assert "no cross-device negatives yet" in output  # said, not hidden
+    assert "cross_device_negatives: each step gathers" in output  # said, not hidden
     (checkpoint,) = glob.glob(str(tmp_path / "saved" / "VLM2Rec-*.pth"))
-    assert glob.glob(checkpoint[:-4] + "/item_embeddings.text.npy")
+    # the export equals one process's re-export of the checkpoint
+    from recbole_vlm2rec.item_embeddings import load_item_embeddings  # first: the plugin's numpy aliases
+
+    from recbole.quick_start import load_data_and_model
+
+    _, model, dataset, _, _, _ = load_data_and_model(checkpoint)
+    model.eval()
+    catalog = model.catalog_embeddings()
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    for modality in ("text", "image", "fused"):
+        exported, _ = load_item_embeddings(checkpoint[:-4] + "/item_embeddings", modality, expected_tokens=tokens)
+        np.testing.assert_allclose(exported, catalog[modality][1:].numpy(), atol=1e-6)
+
+
+def _join_group(rank: int, world: int, port: int) -> None:
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value pairs from sys.argv
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    from recbole_vlm2rec.cross_device import gather_rows
+
+    _join_group(rank, world, port)
+    rows = 3 if rank == 0 else 2  # shards of different lengths
+    x = torch.full((rows, 2), float(rank + 1), requires_grad=True)
+    ids = torch.arange(rows) + 10 * rank
+    mask = torch.tensor([True, False, True][:rows])
+    gathered = gather_rows(x)
+    weights = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    (gathered * weights).sum().backward()  # every rank the same loss of the global rows
+    torch.save({"x": gathered.detach(), "ids": gather_rows(ids), "mask": gather_rows(mask), "grad": x.grad,
+                "none": gather_rows(None)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gather_rows_concatenates_uneven_shards_and_sums_their_gradients(tmp_path):
+    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for got in (first, second):
+        assert torch.equal(got["x"], torch.tensor([[1.0, 1.0]] * 3 + [[2.0, 2.0]] * 2))
+        assert torch.equal(got["ids"], torch.tensor([0, 1, 2, 10, 11]))
+        assert got["mask"].dtype == torch.bool and got["mask"].tolist() == [True, False, True, True, False]
+        assert got["none"] is None
+    weights = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    # both ranks computed the same loss: each row's gradient is the sum over the two ranks, 2 * weights
+    assert torch.equal(first["grad"], 2 * weights[:3]) and torch.equal(second["grad"], 2 * weights[3:])
+
+
+def _trainable_gradients(model) -> dict:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _training_step_worker(rank: int, world: int, port: int, data: str, out: str, overrides: dict) -> None:
+    from recbole_vlm2rec.compat.distributed import distributed_data_parallel
+
+    _join_group(rank, world, port)
+    model, batch = vlm2rec_model_and_batch(data, **overrides)
+    model.train()
+    share = len(batch) // world
+    shard = batch[torch.arange(rank * share, (rank + 1) * share)]
+    # RecBole's Trainer: DDP's reduce hooks armed by an identity forward, every parameter in the loss
+    wrapped = distributed_data_parallel(model)
+    forward, model.forward = model.forward, (lambda x: x)
+    wrapped(torch.LongTensor([0]))
+    model.forward = forward
+    wpcl, crtr = model.calculate_loss(shard)
+    (wpcl + crtr + sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)).backward()
+    torch.save({"loss": (wpcl + crtr).detach(), "weak": model.objective.detector.weak,
+                "ignored_by_ddp": set(wrapped.parameters_to_ignore),
+                "gradients": _trainable_gradients(model), "cross_device": model.cross_device_negatives},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_with_half_batches_match_one_process_with_the_whole_batch(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    overrides = {"finetune": "lora", "lora_r": 4, "lora_dropout": 0.0}  # dropout: other masks per process
+    model, batch = vlm2rec_model_and_batch(data, **overrides)
+    model.train()
+    assert not model.cross_device_negatives and len(batch) == 32
+    wpcl, crtr = model.calculate_loss(batch)
+    (wpcl + crtr).backward()
+    expected = _trainable_gradients(model)
+    assert expected and all("lora" in name for name in expected)
+
+    mp.spawn(_training_step_worker, args=(2, _free_port(), str(data), str(tmp_path), overrides), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["cross_device"]
+        # the frozen backbone is neither broadcast nor hooked by DDP; the adapters are
+        assert got["ignored_by_ddp"] == {name for name, p in model.named_parameters() if not p.requires_grad}
+        assert torch.allclose(got["loss"], (wpcl + crtr).detach(), atol=1e-6), (rank, got["loss"], wpcl + crtr)
+        assert got["weak"] == model.objective.detector.weak  # the detector decided on the global batch
+        for name, gradient in expected.items():
+            assert torch.allclose(got["gradients"][name], gradient, atol=1e-5), name
+
+
+def _catalog_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    _join_group(rank, world, port)
+    model, _ = vlm2rec_model_and_batch(data, item_encode_batch_size=8)
+    torch.save(model.catalog_embeddings(shard=True), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_catalog_encoding_equals_one_process(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_multimodal_dataset(data)
+    model, _ = vlm2rec_model_and_batch(data, item_encode_batch_size=8)
+    expected = model.catalog_embeddings()
+    mp.spawn(_catalog_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(got) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), (rank, name)
+
+
+def _tiny_encoder(cache_dir):
+    from recbole_vlm2rec.encoder import EncoderConfig, VLMEncoder
+
+    config = EncoderConfig(vlm_name_or_path="tiny-qwen2-vl", vlm_dtype="fp32", image_size=28, finetune="frozen")
+    return VLMEncoder(config, cache_dir=str(cache_dir))
+
+
+def _cached_tokens(encoder, images) -> dict:
+    from recbole_vlm2rec.encoder.inputs import image_key
+
+    keys = [image_key(path) for path in images]
+    rows = encoder.vision_cache.lookup(keys)
+    assert (rows >= 0).all()
+    return dict(zip(keys, encoder.vision_cache.get(rows)))
+
+
+def _vision_cache_worker(rank: int, world: int, port: int, images: list, out: str) -> None:
+    _join_group(rank, world, port)
+    encoder = _tiny_encoder(f"{out}/shared")
+    stats = encoder.warm_vision_cache(images, batch_size=2, progress=False, shard=True)
+    torch.save({"stats": stats, "tokens": _cached_tokens(encoder, images)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_vision_cache_warmed_by_two_processes_equals_one_process(tmp_path):
+    from PIL import Image
+
+    images = []
+    for i in range(7):
+        path = tmp_path / f"image{i}.png"
+        Image.new("RGB", (28, 28), (30 * i, 255 - 30 * i, 7 * i)).save(path)
+        images.append(str(path))
+    single = _tiny_encoder(tmp_path / "single")
+    assert single.warm_vision_cache(images + images[:2], batch_size=2, progress=False)["computed"] == 7
+    expected = _cached_tokens(single, images)
+    mp.spawn(_vision_cache_worker, args=(2, _free_port(), images + images[:2], str(tmp_path)), nprocs=2)
+    shares = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [share["stats"]["computed"] for share in shares] == [4, 3]  # each process its share, once
+    for share in shares:  # and each reads every image's tokens afterwards
+        assert set(share["tokens"]) == set(expected)
+        for key, tokens in expected.items():
+            assert torch.equal(share["tokens"][key], tokens), key
+
+
+def test_vlm2recsasrec_trains_with_two_cpu_processes(tmp_path):
+    from recbole_vlm2rec.item_embeddings import export_item_embeddings
+
+    write_tiny_multimodal_dataset(tmp_path / "data")
+    rng = np.random.default_rng(0)
+    tokens = [f"i{i}" for i in range(40)]
+    arrays = {m: rng.standard_normal((40, 8)).astype(np.float32) for m in ("text", "image")}
+    export_item_embeddings(str(tmp_path / "features" / "tiny"), tokens, arrays, metadata={"dataset": "tiny-mm"})
+    done = run_cli(["--model=VLM2RecSASRec", "--dataset=tiny-mm", f"--data_path={tmp_path / 'data'}",
+                    f"--config_files={FIXTURES / 'tiny-seq.yaml'}", f"--feature_prefix={tmp_path / 'features' / 'tiny'}",
+                    "--nproc=2", "--gpu_id=", "--epochs=2", f"--port={_free_port()}",
+                    f"--checkpoint_dir={tmp_path / 'saved'}"], cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert output.count("test result:") == 1 and "cross_device_negatives: each step gathers" in output
+    assert "epoch 1 modality: L^T" in output  # the diagnostics of the gathered batch, logged by rank 0

@@ -7,11 +7,8 @@ import pytest
 import torch
 
 import recbole_vlm2rec  # noqa: F401
-from helpers import FIXTURES, run_cli, write_tiny_multimodal_dataset
-from recbole.config import Config
-from recbole.data import create_dataset, data_preparation
+from helpers import FIXTURES, run_cli, vlm2rec_model_and_batch, write_tiny_multimodal_dataset
 from recbole.quick_start import load_data_and_model, run_recbole
-from recbole.utils import init_seed
 
 from recbole_vlm2rec.errors import DataError
 
@@ -21,19 +18,6 @@ CONFIG = str(FIXTURES / "vlm2rec-tiny.yaml")
 def _run(data_path, dataset="tiny-mm", **overrides):
     overrides.setdefault("data_path", str(data_path))
     return run_recbole(model="VLM2Rec", dataset=dataset, config_file_list=[CONFIG], config_dict=overrides)
-
-
-def _model_and_batch(data_path, **overrides):
-    config = Config(model="VLM2Rec", dataset="tiny-mm", config_file_list=[CONFIG],
-                    config_dict=dict(data_path=str(data_path), **overrides))
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train_data, _, _ = data_preparation(config, dataset)
-    from recbole_vlm2rec.models.vlm2rec import VLM2Rec
-
-    model = VLM2Rec(config, train_data._dataset)
-    batch = next(iter(train_data))
-    return model, batch
 
 
 def test_full_and_sampled_evaluation_report_metrics(tmp_path):
@@ -71,7 +55,7 @@ def test_checkpoint_reloads_and_embeddings_are_exported(tmp_path):
 def test_training_loss_falls_on_a_fixed_batch(tmp_path):
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
-    model, batch = _model_and_batch(data)
+    model, batch = vlm2rec_model_and_batch(data)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
@@ -90,7 +74,7 @@ def test_beta_and_lambda_zero_is_plain_infonce(tmp_path):
 
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
-    model, batch = _model_and_batch(data, beta=0.0, **{"lambda": 0.0})
+    model, batch = vlm2rec_model_and_batch(data, beta=0.0, **{"lambda": 0.0})
     model.eval()
     with torch.no_grad():
         wpcl, crtr = model.calculate_loss(batch)
@@ -104,7 +88,7 @@ def test_beta_and_lambda_zero_is_plain_infonce(tmp_path):
 def test_all_images_missing_in_a_batch_skips_image_terms(tmp_path):
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data, broken_images=40)  # every image file is corrupt
-    model, batch = _model_and_batch(data)
+    model, batch = vlm2rec_model_and_batch(data)
     model.use_image = True  # force the image branch although no image can be read
     model.train()
     wpcl, crtr = model.calculate_loss(batch)
@@ -139,11 +123,11 @@ def test_one_modality_and_a_trainable_vision_tower_are_logged(tmp_path, caplog):
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
     with caplog.at_level("INFO"):
-        _model_and_batch(data, modalities=["text"])
+        vlm2rec_model_and_batch(data, modalities=["text"])
     assert "VLM2Rec: one modality (text): the loss is plain InfoNCE on it" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO"):
-        model, _ = _model_and_batch(data, train_vision_tower=True, finetune="full")
+        model, _ = vlm2rec_model_and_batch(data, train_vision_tower=True, finetune="full")
     assert not model.encoder.uses_vision_cache
     assert "vision cache: off, the vision tower trains (train_vision_tower: True)" in caplog.text
     assert "one modality" not in caplog.text
@@ -181,7 +165,7 @@ def test_cli_prints_metrics_and_modality_dropout_table(tmp_path):
 def test_lora_checkpoint_holds_only_trainable_weights_and_round_trips(tmp_path):
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
-    model, batch = _model_and_batch(data, finetune="lora", lora_r=4)
+    model, batch = vlm2rec_model_and_batch(data, finetune="lora", lora_r=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = model.state_dict()
     assert trainable <= set(state) and all("lora_" in k for k in trainable)
@@ -190,7 +174,7 @@ def test_lora_checkpoint_holds_only_trainable_weights_and_round_trips(tmp_path):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.01)  # make the adapters differ from a fresh model's
-    fresh, _ = _model_and_batch(data, finetune="lora", lora_r=4)
+    fresh, _ = vlm2rec_model_and_batch(data, finetune="lora", lora_r=4)
     fresh.load_state_dict(state)
     model.eval(), fresh.eval()
     with torch.no_grad():

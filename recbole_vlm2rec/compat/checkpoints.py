@@ -175,6 +175,10 @@ def load_data_and_model(model_file):
 
     checkpoint = load_checkpoint(model_file)
     config = checkpoint["config"]
+    if not config["single_spec"] and not torch.distributed.is_initialized():
+        # saved by a run_recbole --nproc run: loaded here by one process, whose data loaders must not
+        # split the data between processes that do not exist (torch's DistributedSampler needs a group)
+        config["single_spec"] = True
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

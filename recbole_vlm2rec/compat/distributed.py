@@ -4,7 +4,8 @@ RecBole 1.2.1's ``--nproc`` path assumes GPUs: ``Config._init_device`` always st
 NCCL, pins the process to ``cuda:<local_rank>`` and asserts one GPU id per process, and the trainer wraps the
 model in ``DistributedDataParallel(model, device_ids=[local_rank])``, which is for CUDA modules only. With
 ``gpu_id: ''`` (or no CUDA at all) each spawned process now joins a ``gloo`` process group and stays on the
-CPU, and the model is wrapped without ``device_ids``; on GPUs RecBole's own NCCL path is unchanged. So the
+CPU, and the model is wrapped without ``device_ids``; on GPUs RecBole's own NCCL path is unchanged. On both,
+DDP leaves frozen parameters (a VLM's backbone under LoRA) alone. So the
 distributed path runs, and is tested, on CPU-only machines, and users can debug it without GPUs.
 
 Two races between the ranks are closed on both back-ends:
@@ -54,9 +55,14 @@ def _init_device(self) -> None:
 
 def distributed_data_parallel(module, device_ids=None, **kwargs):
     """RecBole's ``DistributedDataParallel(model, device_ids=[local_rank])``, without ``device_ids`` for a
-    module on the CPU (where torch refuses them)."""
+    module on the CPU (where torch refuses them), and with the frozen parameters left out: DDP would
+    broadcast them from rank 0 when it wraps the model (a 3B backbone: ~6 GB over the network) though every
+    process loaded the same weights, and they have no gradient to average."""
     from torch.nn.parallel import DistributedDataParallel
 
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
     return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
 

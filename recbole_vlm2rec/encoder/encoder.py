@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import lora as lora_utils
+from recbole_vlm2rec.cross_device import world_size
 from recbole_vlm2rec.fusion import fuse
 
 from .catalog import catalog_digest, check_catalog, encode_in_length_order
@@ -206,9 +208,11 @@ class VLMEncoder(torch.nn.Module):
         return self._encode(prompts, visual)
 
     def encode_catalog(self, item_texts: Sequence[str], item_images: Sequence, batch_size: int = 64,
-                       progress: bool = True, fusion: str = "external", cache: bool = True) -> Dict[str, torch.Tensor]:
+                       progress: bool = True, fusion: str = "external", cache: bool = True,
+                       shard: bool = False) -> Dict[str, torch.Tensor]:
         """Embeddings of a whole catalog, rows in input order, on this encoder's device (see
-        :func:`~recbole_vlm2rec.encoder.catalog.encode_in_length_order` for the keys).
+        :func:`~recbole_vlm2rec.encoder.catalog.encode_in_length_order` for the keys, and for ``shard``:
+        under ``torch.distributed`` each process encodes ``1/N`` of it; a collective).
 
         The result is kept and returned again (the same tensors: do not modify them) while the catalog, the
         fusion and :meth:`weights_version` are unchanged; ``cache=False`` encodes afresh and keeps nothing.
@@ -217,7 +221,7 @@ class VLMEncoder(torch.nn.Module):
         key = self._catalog_key(item_texts, item_images, fusion)
         if cache and self._catalog_cache is not None and self._catalog_cache[0] == key:
             return dict(self._catalog_cache[1])
-        result = encode_in_length_order(self, item_texts, item_images, batch_size, progress, fusion)
+        result = encode_in_length_order(self, item_texts, item_images, batch_size, progress, fusion, shard)
         if cache and key[2] == self.weights_version():  # not kept when encoding itself changed the version
             self._catalog_cache = (key, result)
         return dict(result)
@@ -231,13 +235,26 @@ class VLMEncoder(torch.nn.Module):
         return (catalog_digest(item_texts, item_images), fusion, self.weights_version())
 
     @torch.no_grad()
-    def warm_vision_cache(self, images: Sequence, batch_size: int = 64, progress: bool = True) -> dict:
+    def warm_vision_cache(self, images: Sequence, batch_size: int = 64, progress: bool = True,
+                          shard: bool = False) -> dict:
         """Compute and store the visual tokens of every image not cached yet, with a progress bar.
 
         Call it once per dataset before training: afterwards image prompts cost no vision compute. The
         next batch's images are decoded while the current one runs. Returns counts over ``images``:
         ``images, cached_before, computed, missing, unreadable, no_image`` (entries None or "").
+
+        ``shard``: under ``torch.distributed`` every process calls it with the same ``images`` (a
+        collective); process ``r`` of ``N`` warms every ``N``-th distinct image from ``r``, into the cache
+        the processes share on disk (its writers take turns, see ``vision_cache.py``), and returns once all
+        shares are stored, with the counts of its own share.
         """
+        if shard and world_size() > 1:
+            share = list(dict.fromkeys(images))[dist.get_rank()::world_size()]
+            stats = self.warm_vision_cache(share, batch_size, progress)
+            dist.barrier()
+            if self.uses_vision_cache:
+                self.vision_cache.refresh()  # the other processes' rows
+            return stats
         from tqdm.auto import tqdm
 
         stats = dict(images=len(images), cached_before=0, computed=0, missing=0, unreadable=0, no_image=0)

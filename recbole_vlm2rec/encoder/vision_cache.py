@@ -80,6 +80,10 @@ class VisionCache:
         """Bytes on disk of the token rows."""
         return os.path.getsize(self._tokens_path) if os.path.exists(self._tokens_path) else 0
 
+    def refresh(self) -> None:
+        """Read the index lines other processes appended since the last read."""
+        self._refresh_index()
+
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
         """Row of each key, -1 where absent (re-reads rows other processes appended)."""
         if any(k not in self._index for k in keys):

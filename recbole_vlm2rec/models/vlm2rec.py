@@ -14,10 +14,15 @@ Evaluation scores users against the catalog embeddings, computed once per evalua
 them until its weights change: any optimizer step, ``load_state_dict`` or ``train()``). The ``score_mode``
 argument of ``predict`` / ``full_sort_predict`` picks fused (default), text-only or image-only scores: the
 modality-dropout test that exposes collapse (``VLM2RecTrainer`` runs it).
+
+Under ``run_recbole --nproc=N`` each process encodes its share of a step's pairs and, with
+``cross_device_negatives`` (the default there), the loss is computed on the rows of all processes
+(``recbole_vlm2rec/cross_device.py``): the same loss and gradients as one process with the whole batch.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from logging import getLogger
 from typing import Dict, List, Optional
@@ -27,6 +32,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_vlm2rec.checks import choice
+from recbole_vlm2rec.cross_device import cross_device_negatives, gather_rows, world_size
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
 from recbole_vlm2rec.errors import ConfigError
 from recbole_vlm2rec.fusion import MODALITIES
@@ -34,6 +40,14 @@ from recbole_vlm2rec.losses import InfoNCELoss, VLM2RecObjective
 
 FUSIONS = ("external", "internal")
 SCORE_MODES = ("fused",) + MODALITIES  # what predict / full_sort_predict score with (modality dropout)
+
+
+def _gathered(embeddings):
+    """A batch's embeddings (a tensor, or per-modality :class:`ModalityEmbeddings`) from every process."""
+    if isinstance(embeddings, torch.Tensor):
+        return gather_rows(embeddings)
+    return dataclasses.replace(embeddings, **{f.name: gather_rows(getattr(embeddings, f.name))
+                                              for f in dataclasses.fields(embeddings)})
 
 
 class VLM2Rec(SequentialRecommender):
@@ -75,14 +89,11 @@ class VLM2Rec(SequentialRecommender):
         self.encoder = VLMEncoder(encoder_config, cache_dir=config["checkpoint_dir"])
         self.encoder.to(config["device"])
         self.diagnostics = ModalityDiagnostics()
-        if not config["single_spec"]:
-            self.logger.warning(
-                "VLM2Rec under torch.distributed: each process contrasts its own batch of train_batch_size pairs "
-                "(no cross-device negatives yet) and its weak-modality detector decides on that batch alone"
-            )
+        self.cross_device_negatives = cross_device_negatives(config, "VLM2Rec")
         if self.use_image and self.encoder.uses_vision_cache:
             stats = self.encoder.warm_vision_cache(
-                [p for p in self.item_images if p], batch_size=self.item_encode_batch_size, progress=config["show_progress"]
+                [p for p in self.item_images if p], batch_size=self.item_encode_batch_size,
+                progress=config["show_progress"], shard=True,
             )
             self.logger.info(f"VLM2Rec vision cache: {stats}")
         elif self.use_image:
@@ -159,6 +170,8 @@ class VLM2Rec(SequentialRecommender):
         pos_items = interaction[self.POS_ITEM_ID]
         users = self._encode_users(item_seq, item_seq_len)
         items = self._encode_items(pos_items)
+        if self.cross_device_negatives:
+            users, items, pos_items = _gathered(users), _gathered(items), gather_rows(pos_items)
         if self.fusion == "internal":
             term = self.interleaved_loss(users, items, item_ids=pos_items)
             return term.value
@@ -218,8 +231,10 @@ class VLM2Rec(SequentialRecommender):
         return result
 
     # -------------------------------------------------------------------------------------- evaluation
-    def catalog_embeddings(self) -> Dict[str, torch.Tensor]:
+    def catalog_embeddings(self, shard: bool = False) -> Dict[str, torch.Tensor]:
         """Per-modality and fused embeddings of every item (row = internal item id), on the model's device.
+        ``shard``: every process of a ``torch.distributed`` run calls it (evaluation) and encodes ``1/N``
+        of the catalog; the export, on rank 0 alone, encodes all of it.
 
         The encoder keeps them while its weights are unchanged (``VLMEncoder.encode_catalog``, the one cache
         of item embeddings): an evaluation encodes the catalog once, and any optimizer step,
@@ -231,6 +246,7 @@ class VLM2Rec(SequentialRecommender):
             batch_size=self.item_encode_batch_size,
             progress=self.show_progress,
             fusion=self.fusion,
+            shard=shard,
         )
         if self.fusion == "internal":
             catalog["fused"] = catalog.pop("interleaved")
@@ -248,9 +264,9 @@ class VLM2Rec(SequentialRecommender):
             vectors.append(self._scored_as(self._encode_users(chunk[:, :-1], chunk[:, -1]), score_mode))
         return torch.cat(vectors)[inverse]
 
-    def _catalog_vectors(self, score_mode: str) -> torch.Tensor:
+    def _catalog_vectors(self, score_mode: str, shard: bool = False) -> torch.Tensor:
         """Every item's vector scored under ``score_mode`` (row = internal item id)."""
-        catalog = self.catalog_embeddings()
+        catalog = self.catalog_embeddings(shard)
         return catalog["fused" if self.fusion == "internal" else score_mode]
 
     def _scored_as(self, embeddings, score_mode: str) -> torch.Tensor:
@@ -283,7 +299,10 @@ class VLM2Rec(SequentialRecommender):
     def full_sort_predict(self, interaction, score_mode: str = "fused"):
         """Scores of every item for each user; ``score_mode`` as in :meth:`predict`."""
         self._check_score_mode(score_mode)
-        return self._user_vectors(interaction, score_mode) @ self._catalog_vectors(score_mode).t()
+        # every process of a distributed evaluation gets here equally often (RecBole pads their shares of
+        # users): they encode the catalog together; predict's calls differ between processes, so it does not
+        catalog = self._catalog_vectors(score_mode, shard=world_size() > 1)
+        return self._user_vectors(interaction, score_mode) @ catalog.t()
 
     # --------------------------------------------------------------------------------------- artefacts
     def export(self, directory: str, item_tokens, checkpoint: Optional[str] = None) -> Dict[str, str]:

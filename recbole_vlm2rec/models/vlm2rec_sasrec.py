@@ -51,6 +51,7 @@ from torch.func import functional_call
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_vlm2rec.checks import non_negative
+from recbole_vlm2rec.cross_device import cross_device_negatives, gather_rows
 from recbole_vlm2rec.data.features import (
     ItemFeatures,
     available_modalities,
@@ -103,6 +104,8 @@ class VLM2RecSASRec(SASRec):
         # WPCL and CRTR compare the text and the image branch: with one modality there is nothing to compare
         self.uses_modality_terms = len(self.modalities) == 2
         self.grad_norm_diagnostics = self.grad_norm_diagnostics and self.uses_modality_terms
+        # L_rec is per row (over all items); the modality terms are in-batch: gathered across processes
+        self.cross_device_negatives = self.uses_modality_terms and cross_device_negatives(config, "VLM2RecSASRec")
         if len(self.modalities) == 1 and (self.alpha or self.lambda_):
             getLogger().info(
                 f"VLM2RecSASRec: one feature modality ({self.modalities[0]}): WPCL and CRTR need text and image, "
@@ -280,13 +283,16 @@ class VLM2RecSASRec(SASRec):
     def _modality_terms(self, user: Tensor, branches: Dict[str, Tensor], pos_items: Tensor) -> Tuple[Tensor, Tensor]:
         """(WPCL, CRTR) of the positive items' text and image branch vectors against ``user`` (the same user
         vector for both: there is one user encoder); records the diagnostics. Only called with both branches."""
+        text, image, present = branches["text"][pos_items], branches["image"][pos_items], self.present_image[pos_items]
+        if self.cross_device_negatives:  # the terms are in-batch: on the whole batch of all processes
+            user, text, image, present, pos_items = map(gather_rows, (user, text, image, present, pos_items))
         out = self.objective(
             user,
             user,
             None,
-            branches["text"][pos_items],
-            branches["image"][pos_items],
-            self.present_image[pos_items],
+            text,
+            image,
+            present,
             item_ids=pos_items,
             grad_norm_ratio=self.grad_norm_diagnostics,
         )
