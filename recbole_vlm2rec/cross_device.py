@@ -29,6 +29,14 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def leave_process_group() -> None:
+    """Wait for every process, then destroy the default group. Without the barrier a process that finished
+    first tears its gloo connections down while a peer is still in its last collective, and the peer can
+    abort ("terminate called without an active exception", SIGABRT; seen once in CI on a loaded machine)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _shard_lengths(rows: int, device: torch.device) -> List[int]:
     length = torch.tensor([rows], dtype=torch.long, device=device)
     lengths = [torch.zeros_like(length) for _ in range(world_size())]

@@ -37,15 +37,16 @@ def run_recbole(
     ``trainable_params``, ``flops``, ``modality_results``, ``export_paths``, ``export_dir``, ``exports``
     (declared export name -> path), ``saved_model_file`` and ``config`` (the run's RecBole ``Config``).
     """
-    import torch.distributed as dist
     from recbole.config import Config
+
+    from recbole_vlm2rec.cross_device import leave_process_group
 
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     built = _build(config, on_dataset)
     measured = _train_and_test(config, built, saved)
     result = _result(config, built, measured)
     if not config["single_spec"]:
-        dist.destroy_process_group()
+        leave_process_group()
     if config["local_rank"] == 0 and queue is not None:
         # what crosses the process boundary is RecBole's plain result, not the Config
         queue.put({key: value for key, value in result.items() if key != "config"})

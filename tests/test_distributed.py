@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from recbole_vlm2rec.cross_device import gather_rows, leave_process_group
+
 from helpers import FIXTURES, run_cli, vlm2rec_model_and_batch, write_tiny_multimodal_dataset
 
 
@@ -61,8 +63,6 @@ def _join_group(rank: int, world: int, port: int) -> None:
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    from recbole_vlm2rec.cross_device import gather_rows
-
     _join_group(rank, world, port)
     rows = 3 if rank == 0 else 2  # shards of different lengths
     x = torch.full((rows, 2), float(rank + 1), requires_grad=True)
@@ -73,7 +73,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     (gathered * weights).sum().backward()  # every rank the same loss of the global rows
     torch.save({"x": gathered.detach(), "ids": gather_rows(ids), "mask": gather_rows(mask), "grad": x.grad,
                 "none": gather_rows(None)}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_gather_rows_concatenates_uneven_shards_and_sums_their_gradients(tmp_path):
@@ -112,7 +112,7 @@ def _training_step_worker(rank: int, world: int, port: int, data: str, out: str,
                 "ignored_by_ddp": set(wrapped.parameters_to_ignore),
                 "gradients": _trainable_gradients(model), "cross_device": model.cross_device_negatives},
                f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_two_processes_with_half_batches_match_one_process_with_the_whole_batch(tmp_path):
@@ -143,7 +143,7 @@ def _catalog_worker(rank: int, world: int, port: int, data: str, out: str) -> No
     _join_group(rank, world, port)
     model, _ = vlm2rec_model_and_batch(data, item_encode_batch_size=8)
     torch.save(model.catalog_embeddings(shard=True), f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_sharded_catalog_encoding_equals_one_process(tmp_path):
@@ -180,7 +180,7 @@ def _vision_cache_worker(rank: int, world: int, port: int, images: list, out: st
     encoder = _tiny_encoder(f"{out}/shared")
     stats = encoder.warm_vision_cache(images, batch_size=2, progress=False, shard=True)
     torch.save({"stats": stats, "tokens": _cached_tokens(encoder, images)}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_vision_cache_warmed_by_two_processes_equals_one_process(tmp_path):
