@@ -130,6 +130,26 @@ def test_a_text_only_prefix_is_read_as_text_only_and_the_modality_terms_are_off(
         build(feature_prefix=str(tmp_path / "t"), feature_modalities=["text", "image"])
 
 
+def test_score_temperature_scores_by_cosine_over_the_temperature_in_training_and_evaluation(tmp_path):
+    write_features(tmp_path / "f")
+    _, train_data, plain = build(feature_prefix=str(tmp_path / "f"))
+    _, _, scaled = build(feature_prefix=str(tmp_path / "f"), score_temperature=0.05)
+    scaled.load_state_dict(plain.state_dict())
+    batch = next(iter(train_data))
+    plain.eval(), scaled.eval()
+    with torch.no_grad():
+        items = plain.item_representations()
+        user = plain._user_vectors(batch, items)
+        dot = plain.full_sort_predict(batch)
+        assert torch.allclose(dot, user @ items.t(), atol=1e-6)  # ~: SASRec's dot product
+        cosine = torch.nn.functional.cosine_similarity(user.unsqueeze(1), items.unsqueeze(0), dim=-1)
+        assert torch.allclose(scaled.full_sort_predict(batch), cosine / 0.05, atol=1e-4)
+        picked = scaled.full_sort_predict(batch).gather(1, batch["item_id"].unsqueeze(1)).squeeze(1)
+        assert torch.allclose(scaled.predict(batch), picked, atol=1e-4)
+    rec, _, _ = scaled.calculate_loss(batch)  # eval mode: no dropout, the same vectors
+    assert torch.allclose(rec, torch.nn.functional.cross_entropy(cosine / 0.05, batch["item_id"]), atol=1e-5)
+
+
 def test_finetune_initialises_trainable_tables_from_the_features(tmp_path):
     # 12-d features under hidden_size 16: the principal components keep everything, so the table's rows are
     # the (normalised, centred) features in another basis, with the same item-item cosines
@@ -224,6 +244,7 @@ def test_checkpoint_on_features_of_another_dimension_is_refused(tmp_path):
         ({"tau": 0.0}, "tau must be > 0"),
         ({"wpcl_form": "squared"}, "form must be one of 'relative', 'absolute'"),
         ({"adapter_dropout": 1.0}, r"adapter_dropout must be in \[0, 1\)"),
+        ({"score_temperature": 0.0}, r"score_temperature must be a number > 0 or ~ \(none\), got 0.0"),
     ],
 )
 def test_bad_settings_give_clear_errors(tmp_path, overrides, message):

@@ -135,6 +135,9 @@ class VLM2RecSASRec(SASRec):
         if self.adapter_dropout_prob >= 1:
             raise ConfigError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout_prob!r}")
         self.grad_norm_diagnostics = bool(config["grad_norm_diagnostics"])
+        self.diagnostics_every = config["diagnostics_every"]  # checked (an int >= 1) in settings
+        self._training_steps = 0
+        self.score_temperature = config["score_temperature"]  # None: SASRec's dot product (checked > 0 in settings)
 
     def _load_features(self, config, dataset) -> Dict[str, ItemFeatures]:
         item_tokens = dataset.field2id_token[self.ITEM_ID]
@@ -269,7 +272,7 @@ class VLM2RecSASRec(SASRec):
         branches = self.branch_tables()
         items = self.item_representations(branches)
         user = self._user_vectors(interaction, items)
-        rec_loss = self.loss_fct(torch.matmul(user, items.transpose(0, 1)), pos_items)
+        rec_loss = self.loss_fct(self._scores(user, items), pos_items)
         if not self.uses_modality_terms:
             zero = rec_loss.new_zeros(())
             return rec_loss, zero, zero
@@ -284,6 +287,11 @@ class VLM2RecSASRec(SASRec):
         """(WPCL, CRTR) of the positive items' text and image branch vectors against ``user`` (the same user
         vector for both: there is one user encoder); records the diagnostics. Only called with both branches."""
         text, image, present = branches["text"][pos_items], branches["image"][pos_items], self.present_image[pos_items]
+        # The gradient-norm ratio costs an extra autograd pass (~460 operators): a sample of the steps
+        grad_norm_ratio = False
+        if self.training:
+            grad_norm_ratio = self.grad_norm_diagnostics and self._training_steps % self.diagnostics_every == 0
+            self._training_steps += 1
         if self.cross_device_negatives:  # the terms are in-batch: on the whole batch of all processes
             user, text, image, present, pos_items = map(gather_rows, (user, text, image, present, pos_items))
         out = self.objective(
@@ -294,20 +302,29 @@ class VLM2RecSASRec(SASRec):
             image,
             present,
             item_ids=pos_items,
-            grad_norm_ratio=self.grad_norm_diagnostics,
+            grad_norm_ratio=grad_norm_ratio,
         )
         self.diagnostics.update(
-            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio,
+            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak_index, grad_norm_ratio=out.grad_norm_ratio,
             positive_score_ratio=out.positive_score_ratio, accuracy_text=out.accuracy_text,
             accuracy_image=out.accuracy_image,
         )
         return out.wpcl, out.crtr
 
+    def _scores(self, user: Tensor, items: Tensor, pairwise: bool = False) -> Tensor:
+        """The model's one score: ``user . item`` (SASRec's), or with ``score_temperature`` t,
+        ``cos(user, item) / t``. ``[B, n]`` of every user against every row of ``items``, or with ``pairwise``
+        ``[B]`` of user b against item row b."""
+        if self.score_temperature is not None:
+            user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
+        scores = (user * items).sum(dim=-1) if pairwise else torch.matmul(user, items.transpose(0, 1))
+        return scores if self.score_temperature is None else scores / self.score_temperature
+
     def predict(self, interaction):
         items = self.item_representations()
         user = self._user_vectors(interaction, items)
-        return torch.mul(user, items[interaction[self.ITEM_ID]]).sum(dim=1)  # [B]
+        return self._scores(user, items[interaction[self.ITEM_ID]], pairwise=True)  # [B]
 
     def full_sort_predict(self, interaction):
         items = self.item_representations()
-        return torch.matmul(self._user_vectors(interaction, items), items.transpose(0, 1))  # [B n_items]
+        return self._scores(self._user_vectors(interaction, items), items)  # [B n_items]
