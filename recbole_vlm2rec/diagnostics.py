@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 from recbole_vlm2rec.fusion import MODALITIES as _MODALITIES
 
@@ -62,21 +62,24 @@ class ModalityDiagnostics:
     def reset(self) -> None:
         """Forget everything: call at the start of each epoch."""
         self.steps = 0
-        self._sums: Dict[str, float] = dict.fromkeys(_QUANTITIES, 0.0)
-        self._counts: Dict[str, int] = dict.fromkeys(self._sums, 0)
-        self._weak: Dict[str, int] = dict.fromkeys(_MODALITIES, 0)
+        self._sums: Dict[str, Any] = dict.fromkeys(_QUANTITIES, 0.0)
+        self._counts: Dict[str, Any] = dict.fromkeys(self._sums, 0)
+        self._weak: Dict[str, Any] = dict.fromkeys(_MODALITIES, 0)
 
     def update(
         self,
         loss_text=None,
         loss_image=None,
-        weak: Optional[str] = None,
+        weak=None,
         grad_norm_ratio=None,
         positive_score_ratio=None,
         accuracy_text=None,
         accuracy_image=None,
     ) -> None:
-        if weak is not None and weak not in self._weak:
+        """One step. A value that is ``None`` or NaN was not measured in this step. Tensors are summed as
+        tensors, on their device, and read once, in :meth:`summary`: a step pays no host synchronisation.
+        ``weak``: ``"text"``, ``"image"``, their index in ``MODALITIES`` as a 0-d integer tensor, or ``None``."""
+        if isinstance(weak, str) and weak not in self._weak:
             raise ValueError(f"weak must be 'text', 'image' or None, got {weak!r}")
         self.steps += 1
         for key, value in (
@@ -87,11 +90,22 @@ class ModalityDiagnostics:
             ("accuracy_text", accuracy_text),
             ("accuracy_image", accuracy_image),
         ):
-            if value is not None:
-                self._sums[key] += float(value)
-                self._counts[key] += 1
-        if weak is not None:
+            if value is None:
+                continue
+            if isinstance(value, numbers.Real):
+                if not math.isnan(value):
+                    self._sums[key] += float(value)
+                    self._counts[key] += 1
+            else:  # a 0-d tensor, duck-typed (this module does not import torch)
+                value = value.detach()
+                measured = ~value.isnan()
+                self._sums[key] = self._sums[key] + value.nan_to_num(0.0)
+                self._counts[key] = self._counts[key] + measured
+        if isinstance(weak, str):
             self._weak[weak] += 1
+        elif weak is not None:
+            for index, modality in enumerate(_MODALITIES):
+                self._weak[modality] = self._weak[modality] + (weak == index)
 
     def summary(self) -> Dict[str, float]:
         """Epoch means; NaN for a quantity no step reported.
@@ -101,14 +115,17 @@ class ModalityDiagnostics:
         ``accuracy_text`` / ``accuracy_image`` of the per-step accuracies.
         ``steps`` counts updates.
         """
-        decided = sum(self._weak.values())
-        result = {key: _mean(self._sums[key], self._counts[key]) for key in ("loss_text", "loss_image")}
+        sums = {key: float(value) for key, value in self._sums.items()}  # the epoch's one read of the device
+        counts = {key: int(value) for key, value in self._counts.items()}
+        weak = {modality: int(value) for modality, value in self._weak.items()}
+        decided = sum(weak.values())
+        result = {key: _mean(sums[key], counts[key]) for key in ("loss_text", "loss_image")}
         for key in ("accuracy_text", "accuracy_image"):
-            result[key] = _mean(self._sums[key], self._counts[key])
+            result[key] = _mean(sums[key], counts[key])
         for modality in _MODALITIES:
-            result[f"weak_{modality}_share"] = _mean(self._weak[modality], decided)
+            result[f"weak_{modality}_share"] = _mean(weak[modality], decided)
         for key in ("grad_norm_ratio", "positive_score_ratio"):
-            result[key] = _mean(self._sums[key], self._counts[key])
+            result[key] = _mean(sums[key], counts[key])
         result["steps"] = self.steps
         return result
 

@@ -31,6 +31,21 @@ def test_summary_on_a_known_sequence():
     )
 
 
+def test_nan_is_not_measured_and_tensors_are_read_only_by_the_summary():
+    """A term no row contributed to arrives as NaN (the objective decides it on the device) and is left out
+    of its mean; the weak modality may come as an index tensor; tensor values stay tensors until summary()."""
+    diagnostics = ModalityDiagnostics()
+    diagnostics.update(torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(1), torch.tensor(2.0),
+                       accuracy_text=torch.tensor(0.5), accuracy_image=torch.tensor(float("nan")))
+    diagnostics.update(torch.tensor(3.0), torch.tensor(2.0), torch.tensor(0), None,
+                       accuracy_text=float("nan"), accuracy_image=torch.tensor(0.25))
+    assert all(torch.is_tensor(v) for k, v in diagnostics._sums.items() if k != "positive_score_ratio")
+    summary = diagnostics.summary()
+    assert summary["loss_text"] == 2.0 and summary["loss_image"] == 2.0 and summary["grad_norm_ratio"] == 2.0
+    assert summary["accuracy_text"] == 0.5 and summary["accuracy_image"] == 0.25
+    assert summary["weak_text_share"] == 0.5 and summary["weak_image_share"] == 0.5
+
+
 def test_empty_and_single_modality_give_nan_and_reset_clears():
     diagnostics = ModalityDiagnostics()
     summary = diagnostics.summary()

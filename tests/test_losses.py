@@ -393,6 +393,20 @@ def test_in_batch_retrieval_by_hand_with_false_negatives_and_masks():
         sum(softmax_at([x / 0.05 for x in row], b) for b, row in enumerate(S.tolist())) / 3, abs=1e-6)
 
 
+def test_in_batch_retrieval_of_a_stack_is_each_matrix_and_its_loss_is_info_nce():
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(2, 5, 5, generator=g)
+    ids = torch.tensor([1, 2, 1, 3, 4])
+    rows, cols = torch.tensor([True, True, False, True, True]), torch.tensor([True, True, True, True, False])
+    both = in_batch_retrieval(stack, 0.1, ids, rows, cols)
+    for m in range(2):
+        one = in_batch_retrieval(stack[m], 0.1, ids, rows, cols)
+        for field in ("accuracy", "positive_score", "loss"):
+            assert torch.allclose(getattr(both, field)[m], getattr(one, field), atol=1e-6), field
+        assert torch.allclose(one.loss, info_nce(stack[m], 0.1, ids, rows, cols).value, atol=1e-6)
+    assert int(both.rows) == 3
+
+
 def test_in_batch_retrieval_ties_are_misses_and_masked_garbage_stays_out():
     # A collapsed modality: every score equal. Ties are misses, so accuracy 0; softmax at chance, 1/4.
     term = in_batch_retrieval(torch.full((4, 4), 0.3), 0.05)
@@ -582,6 +596,67 @@ def test_collapsed_image_retrieval_statistics_follow_the_image_masks():
     with pytest.warns(UserWarning, match="text embeddings only"):
         out = VLM2RecObjective()(ut, None, None, it, None, None)
     assert out.positive_score_ratio is None and out.accuracy_text.item() == 0.75 and out.accuracy_image is None
+
+
+def test_a_batch_without_images_reports_nan_and_leaves_the_detector_alone():
+    """No row has an image: L^T, L^V, the accuracies and the ratio are "not measured" (NaN, decided on the
+    device), and the detector's EMA and decision stay as they were."""
+    ut, it, uv, iv = _batch()
+    objective = VLM2RecObjective()
+    objective(ut, uv, None, it, iv, None)  # one ordinary step: the EMA is seeded
+    before = {k: v.clone() for k, v in objective.detector.state_dict().items()}
+    none = torch.zeros(6, dtype=torch.bool)
+    out = objective(ut, uv, none, it, iv, none)
+    for value in (out.loss_text, out.loss_image, out.accuracy_text, out.accuracy_image, out.positive_score_ratio):
+        assert torch.isnan(value)
+    assert torch.equal(objective.detector.ema, before["ema"]) and torch.equal(objective.detector.seen, before["seen"])
+    assert torch.equal(objective.detector.weak_index, before["weak_index"]) and torch.isfinite(out.wpcl)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``,
+    ``int(t)``, ``float(t)``): each one a host synchronisation on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("criterion", ["loss", "accuracy", "grad"])
+def test_objective_step_reads_no_value_into_python(criterion):
+    """The training step's objective (detector update, weak-modality choice, diagnostics) stays on the
+    device, so on a GPU it does not synchronise; on CPU the reads are counted directly."""
+    from recbole_vlm2rec.diagnostics import ModalityDiagnostics
+
+    ut, it, uv, iv = _batch()
+    objective, diagnostics = VLM2RecObjective(criterion=criterion), ModalityDiagnostics()
+    mask = torch.tensor([True, True, False, True, True, True])
+    with _HostReads() as reads:
+        for _ in range(2):
+            out = objective(ut, uv, mask, it, iv, mask, item_ids=torch.arange(6), grad_norm_ratio=True)
+            (out.wpcl + 0.1 * out.crtr).backward()
+            diagnostics.update(out.loss_text, out.loss_image, out.weak_index, out.grad_norm_ratio,
+                               out.positive_score_ratio, out.accuracy_text, out.accuracy_image)
+    assert reads.count == 0
+    assert diagnostics.summary()["steps"] == 2  # read once, at the end of the epoch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+def test_objective_step_does_not_synchronise_on_a_gpu():
+    ut, it, uv, iv = (x.detach().cuda().requires_grad_() for x in _batch())
+    objective = VLM2RecObjective().cuda()
+    mask = torch.ones(6, dtype=torch.bool, device="cuda")
+    objective(ut, uv, mask, it, iv, mask)  # first call: lazy initialisation may synchronise
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = objective(ut, uv, mask, it, iv, mask, item_ids=torch.arange(6, device="cuda"))
+        (out.wpcl + out.crtr).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_objective_eval_mode_leaves_detector_alone():

@@ -18,12 +18,13 @@ CRITERIA = ("loss", "grad", "accuracy")
 
 
 class RetrievalTerm(NamedTuple):
-    """In-batch retrieval statistics of one score matrix, means over ``rows`` valid rows (0: skipped, both
-    values are 0)."""
+    """In-batch retrieval statistics of a score matrix (or of each of a stack of them), means over ``rows``
+    valid rows (0: skipped, every value is 0)."""
 
     accuracy: Tensor
     positive_score: Tensor
     rows: Tensor
+    loss: Tensor
 
 
 @torch.no_grad()
@@ -34,7 +35,8 @@ def in_batch_retrieval(
     row_mask: Optional[Tensor] = None,
     col_mask: Optional[Tensor] = None,
 ) -> RetrievalTerm:
-    r"""Top-1 accuracy and mean softmax score of the positive, over the candidates :func:`info_nce` keeps.
+    r"""Top-1 accuracy, mean softmax score of the positive and InfoNCE, over the candidates :func:`info_nce`
+    keeps.
 
     With ``N(b)`` and the valid rows ``R`` exactly as in :func:`info_nce` (masked columns and false negatives,
     the same item id as the row's positive, are not candidates; a row whose positive column is masked is
@@ -42,6 +44,8 @@ def in_batch_retrieval(
 
     ``accuracy       = (1/|R|) sum_{b in R} [ s_bb > max_{j in N(b), j != b} s_bj ]``
     ``positive_score = (1/|R|) sum_{b in R} exp(s_bb/tau) / sum_{j in N(b)} exp(s_bj/tau)``
+    ``loss           = (1/|R|) sum_{b in R} -log( exp(s_bb/tau) / sum_{j in N(b)} exp(s_bj/tau) )`` (=
+    :func:`info_nce`'s value)
 
     **Ties are misses**: a row is a hit only if its positive scores *strictly* above every other candidate,
     so a collapsed modality (every score of a row bitwise equal) has accuracy 0, whatever the order of the
@@ -49,21 +53,29 @@ def in_batch_retrieval(
     (it does not depend on ``tau``).
     ``positive_score`` is the per-modality score of OGM-GE (Peng et al., CVPR 2022): at chance (all scores of
     a row equal) it is ``mean_b 1/|N(b)|``. Computed without autograd (the inputs are detached), in float32.
+
+    ``scores`` is ``[B, B]``, or ``[M, B, B]``: M score matrices of the same batch (one per modality) under
+    the same ids and masks, done in one pass; the statistics are then ``[M]`` (``rows`` is shared).
     """
     tau = positive("tau", tau)
-    batch = check_score_inputs(scores, item_ids, row_mask, col_mask)
+    if scores.dim() == 3:
+        check_score_inputs(scores[0], item_ids, row_mask, col_mask)
+    else:
+        check_score_inputs(scores, item_ids, row_mask, col_mask)
+    batch = scores.shape[-1]
     scores = scores.detach().float()
     eye = torch.eye(batch, dtype=torch.bool, device=scores.device)
     rows, scores = candidate_logits(scores, item_ids, row_mask, col_mask)  # the candidates info_nce keeps
-    positive_scores = scores.diagonal()
-    hits = positive_scores > scores.masked_fill(eye, float("-inf")).amax(dim=1)
+    positive_scores = scores.diagonal(dim1=-2, dim2=-1)
+    hits = positive_scores > scores.masked_fill(eye, float("-inf")).amax(dim=-1)
     logits = scores / tau
-    probabilities = (logits.diagonal() - torch.logsumexp(logits, dim=1)).exp()
+    per_row = torch.logsumexp(logits, dim=-1) - logits.diagonal(dim1=-2, dim2=-1)  # -log p(positive)
     count = rows.sum()
     denominator = count.clamp_min(1).float()
-    accuracy = (hits & rows).sum().float() / denominator
-    positive_score = probabilities.masked_fill(~rows, 0.0).sum() / denominator
-    return RetrievalTerm(accuracy, positive_score, count)
+    accuracy = (hits & rows).sum(dim=-1).float() / denominator
+    positive_score = (-per_row).exp().masked_fill(~rows, 0.0).sum(dim=-1) / denominator
+    loss = per_row.masked_fill(~rows, 0.0).sum(dim=-1) / denominator
+    return RetrievalTerm(accuracy, positive_score, count, loss)
 
 
 def modality_gradient_norms(
@@ -163,30 +175,46 @@ class WeakModalityDetector(nn.Module):
         accuracy_text=None,
         accuracy_image=None,
     ) -> str:
-        """Record one step and return the weak modality. Values are floats or 0-d tensors (detached here);
-        ``None`` means the modality had no valid row in this batch."""
+        """:meth:`record` one step and return the weak modality (reading it synchronises with the device)."""
+        self.record(loss_text, loss_image, grad_text, grad_image, accuracy_text, accuracy_image)
+        return self.weak
+
+    @torch.no_grad()
+    def record(
+        self,
+        loss_text=None,
+        loss_image=None,
+        grad_text=None,
+        grad_image=None,
+        accuracy_text=None,
+        accuracy_image=None,
+    ) -> None:
+        """Record one step. Values are floats or 0-d tensors (detached here); ``None`` or NaN means the
+        modality had no valid row in this batch. Everything stays on the device: no value is read into Python
+        (on a GPU each read would stall the step), the decision is ``weak_index``."""
         tracked = (accuracy_text, accuracy_image) if self.criterion == "accuracy" else (loss_text, loss_image)
-        for index, observed in enumerate(tracked):
-            if observed is None:
-                continue
-            value = torch.as_tensor(observed, dtype=self.ema.dtype, device=self.ema.device)
-            if self.seen[index]:
-                self.ema[index] = self.momentum * self.ema[index] + (1 - self.momentum) * value
-            else:
-                self.ema[index] = value
-                self.seen[index] = True
-        if self.criterion == "loss":
-            if bool(self.seen.all()):
-                self.weak_index.fill_(0 if bool(self.ema[0] > self.ema[1]) else 1)
-        elif self.criterion == "accuracy":
-            if bool(self.seen.all()):
-                self.weak_index.fill_(0 if bool(self.ema[0] < self.ema[1]) else 1)
-        else:
+        values = torch.stack([self._as_tensor(value) for value in tracked])
+        observed = ~values.isnan()
+        updated = torch.where(self.seen, self.momentum * self.ema + (1 - self.momentum) * values, values)
+        self.ema.copy_(torch.where(observed, updated, self.ema))
+        self.seen.logical_or_(observed)
+        text, image = MODALITIES.index("text"), MODALITIES.index("image")
+        if self.criterion == "grad":
             if grad_text is None or grad_image is None:
                 raise ValueError("criterion='grad' needs both grad_text and grad_image")
-            self.weak_index.fill_(0 if float(grad_text) < float(grad_image) else 1)
-        self.weak_counts[self.weak_index] += 1
-        return self.weak
+            text_weaker = self._as_tensor(grad_text) < self._as_tensor(grad_image)
+            decided = torch.ones((), dtype=torch.bool, device=self.ema.device)
+        else:  # the decision is only revised once both EMAs exist
+            text_weaker = self.ema[text] > self.ema[image] if self.criterion == "loss" else self.ema[text] < self.ema[image]
+            decided = self.seen.all()
+        choice = torch.where(text_weaker, text, image)
+        self.weak_index.copy_(torch.where(decided, choice, self.weak_index))
+        self.weak_counts.add_(torch.arange(len(MODALITIES), device=self.weak_counts.device) == self.weak_index)
+
+    def _as_tensor(self, value) -> Tensor:
+        if value is None:
+            return torch.full((), float("nan"), dtype=self.ema.dtype, device=self.ema.device)
+        return torch.as_tensor(value, dtype=self.ema.dtype, device=self.ema.device).detach().reshape(())
 
     def extra_repr(self) -> str:
         return f"criterion={self.criterion!r}, momentum={self.momentum}"

@@ -34,13 +34,14 @@ def candidate_logits(
     row_mask: Optional[Tensor],
     col_mask: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
-    """The in-batch candidate sets: ``(rows [B] bool, logits with non-candidates at -inf)``.
+    """The in-batch candidate sets: ``(rows [B] bool, logits with non-candidates at -inf)``; ``logits`` is
+    ``[B, B]`` or a stack ``[..., B, B]`` sharing the ids and masks.
 
     A row is valid when it is kept by ``row_mask`` and its own positive column by ``col_mask``. Column ``j``
     is a candidate of row ``b`` when it exists (``col_mask``) and, for ``j != b``, holds another item than
     the row's positive (``item_ids``: the same item again is a false negative). Invalid rows are zeros.
     """
-    batch = logits.shape[0]
+    batch = logits.shape[-1]
     eye = torch.eye(batch, dtype=torch.bool, device=logits.device)
     rows = torch.ones(batch, dtype=torch.bool, device=logits.device)
     excluded = torch.zeros_like(eye)

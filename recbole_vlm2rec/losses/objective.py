@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from recbole_vlm2rec.checks import non_negative, choice
-from recbole_vlm2rec.fusion import fuse, masked_normalize
+from recbole_vlm2rec.fusion import MODALITIES, fuse, masked_normalize
 from .crtr import CRTRLoss
 from .detector import WeakModalityDetector, in_batch_retrieval, modality_gradient_norms
 from .info_nce import info_nce
@@ -27,16 +27,17 @@ class ObjectiveOutput:
     ``wpcl``: the contrastive term to minimise (plain InfoNCE on the fused scores when only one modality
     exists). ``crtr``: the raw CRTR value, *not* multiplied by ``crtr_weight``; the caller weights it so
     that RecBole logs the weighted term. ``loss_text``/``loss_image``: detached per-modality InfoNCE
-    (``None`` when the modality is absent or no row had it). ``weak``: the modality penalised in this
-    batch, ``None`` with a single modality. ``grad_norm_ratio``: ``||dL/dE^T|| / ||dL/dE^V||`` for
+    (``None`` when the modality is absent, NaN when no row of the batch had it). ``weak_index``: the
+    modality penalised in this batch as a 0-d index into ``MODALITIES``, on the device (``weak``: its name,
+    which reads it), ``None`` with a single modality. ``grad_norm_ratio``: ``||dL/dE^T|| / ||dL/dE^V||`` for
     ``L = wpcl + crtr_weight * crtr``, when asked for and both modalities exist; it is exactly 1 for plain
     fused InfoNCE (``beta = 0``, no CRTR) of unit-norm embeddings, whatever each modality has learned (see
     :func:`modality_gradient_norms`). ``fused_user``, ``fused_item``: the L2-normalised fused embeddings
     (float32). ``accuracy_text``/``accuracy_image``: detached in-batch top-1 accuracy of each modality's
-    scores, on the support of ``loss_text``/``loss_image`` (``None`` where those are; ties are misses, see
-    :func:`in_batch_retrieval`). ``positive_score_ratio``: ``P^T / P^V``, ``P^m`` the mean over rows of
+    scores, on the support of ``loss_text``/``loss_image`` (``None`` or NaN where those are; ties are misses,
+    see :func:`in_batch_retrieval`). ``positive_score_ratio``: ``P^T / P^V``, ``P^m`` the mean over rows of
     the softmax of ``s^m/tau`` at the positive (OGM-GE's per-modality score), on the same support; ``None``
-    unless both modalities reported. Not 1 by construction: > 1 when the text retrieves better (a
+    with a single modality, NaN when no row had both. Not 1 by construction: > 1 when the text retrieves better (a
     collapsed image has ``P^V`` at chance, ``1/B``).
     """
 
@@ -44,13 +45,18 @@ class ObjectiveOutput:
     crtr: Tensor
     loss_text: Optional[Tensor]
     loss_image: Optional[Tensor]
-    weak: Optional[str]
+    weak_index: Optional[Tensor]
     grad_norm_ratio: Optional[Tensor]
     fused_user: Tensor
     fused_item: Tensor
     accuracy_text: Optional[Tensor] = None
     accuracy_image: Optional[Tensor] = None
     positive_score_ratio: Optional[Tensor] = None
+
+    @property
+    def weak(self) -> Optional[str]:
+        """The weak modality's name, ``None`` with a single modality. Reading it synchronises with the device."""
+        return None if self.weak_index is None else MODALITIES[int(self.weak_index)]
 
 
 class VLM2RecObjective(nn.Module):
@@ -169,22 +175,20 @@ class VLM2RecObjective(nn.Module):
         # the images are (text, when present, is there for every row).
         support_rows = user_image_mask if has_image else None
         support_cols = item_image_mask if has_image else None
-        detached = {
-            name: _detached_info_nce(modality_scores, tau, item_ids, support_rows, support_cols)
-            for name, modality_scores in (("text", text_scores), ("image", image_scores))
-        }
-        # Same support and item ids as L^m, hence the same valid rows: skipped exactly where L^m is None
-        # (which spares another host sync to find out).
-        retrieval = {
-            name: None if detached[name] is None else in_batch_retrieval(
-                modality_scores, tau, item_ids, support_rows, support_cols
-            )
-            for name, modality_scores in (("text", text_scores), ("image", image_scores))
-        }
-        accuracies = {name: None if term is None else term.accuracy for name, term in retrieval.items()}
+        # Detached, on that support: L^m, the accuracy and the positive's score of each modality, the
+        # modalities stacked into one [M, B, B] pass; NaN where no row was valid ("not measured").
+        present = [(name, s) for name, s in (("text", text_scores), ("image", image_scores)) if s is not None]
+        term = in_batch_retrieval(torch.stack([s for _, s in present]), tau, item_ids, support_rows, support_cols)
+        detached = dict.fromkeys(("text", "image"))
+        accuracies = dict.fromkeys(("text", "image"))
+        positive = {}
+        for index, (name, _) in enumerate(present):
+            detached[name] = _nan_if_empty(term.loss[index], term.rows)
+            accuracies[name] = _nan_if_empty(term.accuracy[index], term.rows)
+            positive[name] = term.positive_score[index]
         positive_ratio = None
-        if retrieval["text"] is not None and retrieval["image"] is not None:
-            positive_ratio = retrieval["text"].positive_score / retrieval["image"].positive_score
+        if len(present) == 2:
+            positive_ratio = _nan_if_empty(positive["text"] / positive["image"], term.rows)
         if not (has_text and has_image):
             # Image-only data: a user or item without an image has no embedding at all, so it is masked.
             wpcl = info_nce(scores, tau, item_ids, support_rows, support_cols).value
@@ -197,13 +201,16 @@ class VLM2RecObjective(nn.Module):
             self._update_detector(
                 detached, accuracies, scores, item_ids, (user_text, item_text), (user_image, item_image)
             )
-        weak = self.detector.weak
-        if weak == "image":
-            wpcl = self.wpcl_loss(
-                scores, image_scores, item_ids, weak_row_mask=user_image_mask, weak_col_mask=item_image_mask
-            ).value
-        else:
-            wpcl = self.wpcl_loss(scores, text_scores, item_ids).value
+        # The weak modality's scores and masks picked on the device (no read of the decision: no host sync);
+        # a weak text is present everywhere.
+        weak_index = self.detector.weak_index.clone()
+        image_weak = weak_index == MODALITIES.index("image")
+        everywhere = torch.ones_like(user_image_mask)
+        wpcl = self.wpcl_loss(
+            scores, torch.where(image_weak, image_scores, text_scores), item_ids,
+            weak_row_mask=torch.where(image_weak, user_image_mask, everywhere),
+            weak_col_mask=torch.where(image_weak, item_image_mask, everywhere),
+        ).value
         crtr = self._crtr((text_u, image_u, user_image_mask), (text_i, image_i, item_image_mask))
 
         ratio = None
@@ -213,7 +220,7 @@ class VLM2RecObjective(nn.Module):
             )
             ratio = norm_text / norm_image
         return ObjectiveOutput(
-            wpcl, crtr, detached["text"], detached["image"], weak, ratio, fused_u, fused_i,
+            wpcl, crtr, detached["text"], detached["image"], weak_index, ratio, fused_u, fused_i,
             accuracies["text"], accuracies["image"], positive_ratio,
         )
 
@@ -222,7 +229,7 @@ class VLM2RecObjective(nn.Module):
         if self.detector.criterion == "grad":
             plain = info_nce(scores, self.wpcl_loss.tau, item_ids).value
             grads["grad_text"], grads["grad_image"] = modality_gradient_norms(plain, text_inputs, image_inputs)
-        self.detector.update(
+        self.detector.record(
             detached["text"], detached["image"],
             accuracy_text=accuracies["text"], accuracy_image=accuracies["image"], **grads,
         )
@@ -267,9 +274,6 @@ class VLM2RecObjective(nn.Module):
         return f"crtr_weight={self.crtr_weight}, relation={self.relation!r}"
 
 
-def _detached_info_nce(scores: Optional[Tensor], tau, item_ids, rows, cols) -> Optional[Tensor]:
-    """``L^m`` on detached scores (a diagnostic and the detector's input); None when absent or skipped."""
-    if scores is None:
-        return None
-    term = info_nce(scores.detach(), tau, item_ids, rows, cols)
-    return None if term.skipped else term.value.detach()
+def _nan_if_empty(value: Tensor, rows: Tensor) -> Tensor:
+    """``value``, or NaN where no row contributed to it: "not measured", decided on the device."""
+    return torch.where(rows > 0, value, torch.full_like(value, float("nan")))

@@ -193,7 +193,7 @@ class VLM2Rec(SequentialRecommender):
         )
         if self.training:
             self.diagnostics.update(
-                loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak, grad_norm_ratio=out.grad_norm_ratio,
+                loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak_index, grad_norm_ratio=out.grad_norm_ratio,
                 positive_score_ratio=out.positive_score_ratio, accuracy_text=out.accuracy_text,
                 accuracy_image=out.accuracy_image,
             )
