@@ -205,7 +205,8 @@ class WeakModalityDetector(nn.Module):
             text_weaker = self._as_tensor(grad_text) < self._as_tensor(grad_image)
             decided = torch.ones((), dtype=torch.bool, device=self.ema.device)
         else:  # the decision is only revised once both EMAs exist
-            text_weaker = self.ema[text] > self.ema[image] if self.criterion == "loss" else self.ema[text] < self.ema[image]
+            higher_loss, lower_accuracy = self.ema[text] > self.ema[image], self.ema[text] < self.ema[image]
+            text_weaker = higher_loss if self.criterion == "loss" else lower_accuracy
             decided = self.seen.all()
         choice = torch.where(text_weaker, text, image)
         self.weak_index.copy_(torch.where(decided, choice, self.weak_index))
