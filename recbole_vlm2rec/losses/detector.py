@@ -165,18 +165,10 @@ class WeakModalityDetector(nn.Module):
         """``{"text": n, "image": n}``: how many updates ended with each modality weak."""
         return dict(zip(MODALITIES, self.weak_counts.tolist()))
 
-    @torch.no_grad()
-    def update(
-        self,
-        loss_text=None,
-        loss_image=None,
-        grad_text=None,
-        grad_image=None,
-        accuracy_text=None,
-        accuracy_image=None,
-    ) -> str:
-        """:meth:`record` one step and return the weak modality (reading it synchronises with the device)."""
-        self.record(loss_text, loss_image, grad_text, grad_image, accuracy_text, accuracy_image)
+    def update(self, *args, **kwargs) -> str:
+        """:meth:`record` one step (the same arguments) and return the weak modality (reading it synchronises
+        with the device)."""
+        self.record(*args, **kwargs)
         return self.weak
 
     @torch.no_grad()

@@ -179,16 +179,13 @@ class VLM2RecObjective(nn.Module):
         # modalities stacked into one [M, B, B] pass; NaN where no row was valid ("not measured").
         present = [(name, s) for name, s in (("text", text_scores), ("image", image_scores)) if s is not None]
         term = in_batch_retrieval(torch.stack([s for _, s in present]), tau, item_ids, support_rows, support_cols)
-        detached = dict.fromkeys(("text", "image"))
-        accuracies = dict.fromkeys(("text", "image"))
-        positive = {}
+        losses, accuracy = _nan_if_empty(term.loss, term.rows), _nan_if_empty(term.accuracy, term.rows)
+        detached, accuracies = dict.fromkeys(MODALITIES), dict.fromkeys(MODALITIES)
         for index, (name, _) in enumerate(present):
-            detached[name] = _nan_if_empty(term.loss[index], term.rows)
-            accuracies[name] = _nan_if_empty(term.accuracy[index], term.rows)
-            positive[name] = term.positive_score[index]
+            detached[name], accuracies[name] = losses[index], accuracy[index]
         positive_ratio = None
-        if len(present) == 2:
-            positive_ratio = _nan_if_empty(positive["text"] / positive["image"], term.rows)
+        if len(present) == 2:  # text first, image second
+            positive_ratio = _nan_if_empty(term.positive_score[0] / term.positive_score[1], term.rows)
         if not (has_text and has_image):
             # Image-only data: a user or item without an image has no embedding at all, so it is masked.
             wpcl = info_nce(scores, tau, item_ids, support_rows, support_cols).value
