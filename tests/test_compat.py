@@ -290,3 +290,31 @@ def test_defaultdict_with_a_foreign_factory_is_refused(tmp_path):
     torch.save({"x": collections.defaultdict(os.getcwd)}, path, pickle_protocol=4)
     with pytest.raises(UnsafeCheckpointError, match="getcwd"):
         load_checkpoint(path)
+
+
+class _Forwarding(torch.nn.Module):
+    """Forwards unknown attributes to its child, as peft's PeftModel and LoraModel do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(2, 2)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_flops_of_a_model_holding_an_attribute_forwarder_are_skipped_not_fatal(caplog):
+    # thop's register_buffer("total_ops") raised KeyError on the forwarder (VLM2Rec with finetune: lora)
+    import logging
+
+    import recbole.quick_start.quick_start as quick_start
+
+    caplog.set_level(logging.INFO)
+    model = torch.nn.Sequential(_Forwarding())
+    flops = quick_start.get_flops(model, None, torch.device("cpu"), logging.getLogger("flops-test"), None)
+    assert flops is None
+    assert "FLOPs not counted: Sequential holds a _Forwarding" in caplog.text
+    assert not any("total_ops" in m._buffers for m in model.modules())

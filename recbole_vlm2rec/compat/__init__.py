@@ -186,17 +186,33 @@ def _metric_values_as_floats() -> None:
     Evaluator.evaluate = evaluate
 
 
-# --- 12. FLOPs of models that only score the whole catalog -----------------------------------------
+# --- 12. FLOPs of models that only score the whole catalog, or that hold peft wrappers ---------------
+def _attribute_forwarder(model):
+    """The first submodule whose class forwards unknown attribute lookups (peft's ``PeftModel`` and
+    ``LoraModel`` forward them to the model they wrap), or None."""
+    return next((m for m in model.modules() if type(m).__getattr__ is not torch.nn.Module.__getattr__), None)
+
+
 def _flops_without_predict() -> None:
     """RecBole's quick start counts FLOPs by running ``model.predict`` on one interaction; GRU4RecCPR and
     SASRecCPR refuse ``predict`` (``assert False``: they only rank the full item set), so every run of them
-    through RecBole's ``run_recbole`` stops before training. Such a model gets ``None`` FLOPs and a warning."""
+    through RecBole's ``run_recbole`` stops before training. Such a model gets ``None`` FLOPs and a warning.
+
+    The counter (thop) registers a ``total_ops`` buffer on every submodule, children first: on a module that
+    forwards attribute lookups (VLM2Rec with ``finetune: lora``: peft's wrappers) the name already resolves
+    to the wrapped child's buffer, ``register_buffer`` raises ``KeyError``, and the run stopped there with
+    thop's buffers left on the children. Such a model is not counted either (logged)."""
     import recbole.utils
     import recbole.utils.utils as utils_module
 
     original = utils_module.get_flops
 
     def get_flops(model, dataset, device, logger, transform, verbose=False):
+        forwarder = _attribute_forwarder(model)
+        if forwarder is not None:
+            logger.info(f"FLOPs not counted: {type(model).__name__} holds a {type(forwarder).__name__}, which "
+                        "forwards attribute lookups, where RecBole's FLOPs counter (thop) cannot add its buffers")
+            return None
         try:
             return original(model, dataset, device, logger, transform, verbose)
         except (AssertionError, NotImplementedError) as error:
