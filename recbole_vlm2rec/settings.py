@@ -170,6 +170,7 @@ def _model_rules() -> Dict[str, Dict[str, Rule]]:
         "user_encode_batch_size": integer(1),
         "grad_norm_diagnostics": BOOLEAN,
         "cross_device_negatives": optional(BOOLEAN),  # ~ = on when several processes train
+        "contrastive_chunk_size": optional(integer(1)),  # ~ = the whole batch at once (no GradCache)
         "checkpoint_trainable_only": BOOLEAN,
         "enable_amp": BOOLEAN,
         "amp_dtype": choice("bf16", "fp16"),  # the model maps these two; another name turned autocast off silently

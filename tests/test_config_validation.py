@@ -169,6 +169,7 @@ def test_loss_keys_are_the_keys_the_objective_reads():
         ("VLM2Rec", {"item_text_fields": "title"}, "item_text_fields must be a list of names .*got 'title'"),
         ("VLM2Rec", {"amp_dtype": "fp32"}, "amp_dtype must be one of 'bf16', 'fp16', got 'fp32'"),
         ("VLM2Rec", {"export_embeddings": "yes"}, "export_embeddings must be true or false, got 'yes'"),
+        ("VLM2Rec", {"contrastive_chunk_size": 0}, r"contrastive_chunk_size must be an integer >= 1 or ~ \(none\), got 0"),
         ("VLM2Rec", {"lora_dropout": 1.5}, "'lora_dropout' must be in \\[0, 1\\), got 1.5"),
         ("VLM2Rec", {"vlm_dtype": "int8"}, "'vlm_dtype' must be one of auto, bf16, fp16, fp32; got 'int8'"),
         ("VLM2Rec", {"image_size": "big"}, "'image_size' must be int, got 'big'"),

@@ -17,6 +17,7 @@ image preprocessor, vision cache, image statistics); the stateless pieces live b
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,7 @@ class VLMEncoder(torch.nn.Module):
         # Unusable images seen so far: missing / unreadable files (distinct), no_image (entries None or "").
         self.image_stats = {"missing": 0, "unreadable": 0, "no_image": 0}
         self._reported_images = set()
+        self._counting_unusable = True  # off while a chunked step re-encodes a batch (recomputing)
         self._cache_root = config.vision_cache_dir or os.path.join(cache_dir or "saved", "vision_cache")
         self._vision_cache: Optional[VisionCache] = None
         self._weight_changes = 0  # bumped whenever weights may change outside an optimizer step
@@ -462,6 +464,16 @@ class VLMEncoder(torch.nn.Module):
             self.vision_cache.put(good, values)
         return len(good), failures
 
+    @contextlib.contextmanager
+    def recomputing(self):
+        """Inputs encoded again (a chunked contrastive step, ``recbole_vlm2rec.grad_cache``): their unusable
+        images were counted and reported the first time."""
+        self._counting_unusable = False
+        try:
+            yield
+        finally:
+            self._counting_unusable = True
+
     def _report_unusable(self, failures: list) -> None:
         """Count unusable images and log them without flooding the log during training.
 
@@ -469,6 +481,8 @@ class VLMEncoder(torch.nn.Module):
         and announced once. Missing and unreadable files are counted and warned about once per file;
         unreadable ones are remembered so that they are not decoded again on every batch.
         """
+        if not self._counting_unusable:
+            return
         new = []
         for src, reason in failures:
             if _is_empty(src):

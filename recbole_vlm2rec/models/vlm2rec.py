@@ -36,6 +36,7 @@ from recbole_vlm2rec.cross_device import cross_device_negatives, gather_rows, wo
 from recbole_vlm2rec.diagnostics import ModalityDiagnostics
 from recbole_vlm2rec.errors import ConfigError
 from recbole_vlm2rec.fusion import MODALITIES
+from recbole_vlm2rec.grad_cache import GradCache
 from recbole_vlm2rec.losses import InfoNCELoss, VLM2RecObjective
 
 FUSIONS = ("external", "internal")
@@ -90,6 +91,12 @@ class VLM2Rec(SequentialRecommender):
         self.encoder.to(config["device"])
         self.diagnostics = ModalityDiagnostics()
         self.cross_device_negatives = cross_device_negatives(config, "VLM2Rec")
+        self.contrastive_chunk_size = config["contrastive_chunk_size"]  # checked in settings: ~ or an int >= 1
+        if self.contrastive_chunk_size and world_size() > 1:
+            # DDP's reducer expects each trainable parameter's gradient once per step; the chunked step
+            # accumulates it once per chunk
+            raise ConfigError("contrastive_chunk_size works in one process only for now; under --nproc set it to ~ "
+                              "and get the negatives from cross_device_negatives")
         if self.use_image and self.encoder.uses_vision_cache:
             stats = self.encoder.warm_vision_cache(
                 [p for p in self.item_images if p], batch_size=self.item_encode_batch_size,
@@ -168,13 +175,20 @@ class VLM2Rec(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         pos_items = interaction[self.POS_ITEM_ID]
-        users = self._encode_users(item_seq, item_seq_len)
-        items = self._encode_items(pos_items)
+        cache = None
+        if self.contrastive_chunk_size and self.training and torch.is_grad_enabled():
+            # GradCache: leaves now, the encoder's gradient when the loss's backward runs (grad_cache.py)
+            cache = GradCache(self.contrastive_chunk_size, recomputing=self.encoder.recomputing)
+            users = cache.encode(lambda rows: self._encode_users(item_seq[rows], item_seq_len[rows]), len(pos_items))
+            items = cache.encode(lambda rows: self._encode_items(pos_items[rows]), len(pos_items))
+        else:
+            users = self._encode_users(item_seq, item_seq_len)
+            items = self._encode_items(pos_items)
         if self.cross_device_negatives:
             users, items, pos_items = _gathered(users), _gathered(items), gather_rows(pos_items)
         if self.fusion == "internal":
-            term = self.interleaved_loss(users, items, item_ids=pos_items)
-            return term.value
+            loss = self.interleaved_loss(users, items, item_ids=pos_items).value
+            return cache.losses(loss)[0] if cache else loss
 
         def side(embeddings, modality):
             return getattr(embeddings, modality) if (self.use_text if modality == "text" else self.use_image) else None
@@ -202,7 +216,8 @@ class VLM2Rec(SequentialRecommender):
                 f"VLM2Rec: non-finite loss (L_WPCL={out.wpcl.item()}, L_CRTR={out.crtr.item()}); "
                 "lower learning_rate, raise tau, or use vlm_dtype: fp32 / bf16 instead of fp16"
             )
-        return out.wpcl, self.lambda_ * out.crtr
+        losses = (out.wpcl, self.lambda_ * out.crtr)
+        return cache.losses(*losses) if cache else losses
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _frozen_encoder_keys(self, keys) -> set:
