@@ -71,6 +71,7 @@ def test_quick_pipeline_writes_every_row(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert report["seeds"] == [0]
+    assert 0 < report["runs_s"] <= 4 * report["runtime_s"]  # the runs' own time; at most 2 at a time, plus rounding
     assert set(report["rows"]) == {"Pop", "SASRec", "last-item text kNN", "VLM2RecSASRec + MiniLM text (frozen)",
                                    "VLM2RecSASRec + MiniLM text (finetune)"}
     for row in report["rows"].values():
