@@ -109,6 +109,25 @@ def test_loss_terms_gradients_and_missing_images(tmp_path):
     assert branches["image"][ids["i3"]].abs().sum() == 0 and branches["image"][ids["i4"]].abs().sum() > 0
 
 
+def test_gradient_norm_ratio_is_computed_on_every_kth_training_step_only(tmp_path):
+    write_features(tmp_path / "f")
+    _, train_data, model = build(feature_prefix=str(tmp_path / "f"), diagnostics_every=3)
+    asked = []
+    forward = model.objective.forward
+    model.objective.forward = lambda *args, **kwargs: asked.append(kwargs["grad_norm_ratio"]) or forward(*args, **kwargs)
+    batch = next(iter(train_data))
+    model.train()
+    for _ in range(7):
+        sum(model.calculate_loss(batch)).backward()
+    model.eval()
+    with torch.no_grad():  # evaluation-mode losses neither count as steps nor ask for the ratio
+        model.calculate_loss(batch)
+    assert asked == [True, False, False, True, False, False, True, False]
+    summary = model.diagnostics.summary()
+    assert summary["steps"] == 7 and np.isfinite(summary["grad_norm_ratio"])
+    assert int(model.diagnostics._counts["grad_norm_ratio"]) == 3  # the epoch mean is over the 3 measured steps
+
+
 def test_a_text_only_prefix_is_read_as_text_only_and_the_modality_terms_are_off(tmp_path, caplog):
     """feature_modalities: ~ (the default) reads the modalities the prefix has; with one, WPCL and CRTR (which
     compare two branches) are not computed and the log says so."""

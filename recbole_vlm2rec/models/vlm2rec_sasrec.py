@@ -304,11 +304,12 @@ class VLM2RecSASRec(SASRec):
             item_ids=pos_items,
             grad_norm_ratio=grad_norm_ratio,
         )
-        self.diagnostics.update(
-            loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak_index, grad_norm_ratio=out.grad_norm_ratio,
-            positive_score_ratio=out.positive_score_ratio, accuracy_text=out.accuracy_text,
-            accuracy_image=out.accuracy_image,
-        )
+        if self.training:  # the epoch's diagnostics are the training steps' (as the detector's EMA)
+            self.diagnostics.update(
+                loss_text=out.loss_text, loss_image=out.loss_image, weak=out.weak_index,
+                grad_norm_ratio=out.grad_norm_ratio, positive_score_ratio=out.positive_score_ratio,
+                accuracy_text=out.accuracy_text, accuracy_image=out.accuracy_image,
+            )
         return out.wpcl, out.crtr
 
     def _scores(self, user: Tensor, items: Tensor, pairwise: bool = False) -> Tensor:
