@@ -9,7 +9,8 @@ the encoder's activations for the whole batch. GradCache splits the step in thre
 2. compute the loss on those embeddings, made leaves, and its gradient with respect to them (``B x D``:
    cheap);
 3. encode each chunk again, with a graph, from its recorded random state (the same dropout masks), and
-   back-propagate the cached gradient through it: ``dL/dtheta = sum_chunks (dL/dE_chunk) . dE_chunk/dtheta``.
+   back-propagate the cached gradient through it: ``dL/dtheta = sum_chunks (dL/dE_chunk) . dE_chunk/dtheta``,
+   handed to autograd as the gradient of the parameters (once per step, as DDP expects).
 
 The loss and the gradients are those of the unchunked step; the price is one more forward per chunk. Peak
 activation memory is that of ``chunk_size`` rows instead of the batch's.
@@ -20,17 +21,17 @@ gradient too, and the returned losses behave like plain ones.
 
 Example (a two-tower step; ``encode_users(rows)`` / ``encode_items(rows)`` encode the rows of a slice)::
 
-    cache = GradCache(chunk_size=8)
+    cache = GradCache(chunk_size=8, parameters=model.parameters())
     users = cache.encode(encode_users, rows=len(batch))   # leaves, no graph to the encoder yet
     items = cache.encode(encode_items, rows=len(batch))
     (loss,) = cache.losses(info_nce(users, items))
-    loss.backward()                                        # re-encodes chunk by chunk, fills the .grad
+    loss.backward()                                        # re-encodes chunk by chunk, then fills the .grad
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -97,14 +98,20 @@ class GradCache:
 
     Args:
         chunk_size: rows encoded at once, ``>= 1``.
+        parameters: the trainable parameters the encoders use. Step 3 computes their gradient itself
+            (``torch.autograd.grad``, summed over the chunks) and returns it to autograd as this node's
+            gradient for them, so each parameter receives one gradient per step, as in a plain step: what
+            DDP's reducer expects (its hooks fire once per parameter and step) under ``--nproc``.
         recomputing: optional context manager factory entered around step 3's forwards, e.g. to keep an
             encoder's counters of unusable inputs from counting the batch twice.
     """
 
-    def __init__(self, chunk_size: int, recomputing: Optional[Callable[[], ContextManager]] = None):
+    def __init__(self, chunk_size: int, parameters: Iterable[Tensor],
+                 recomputing: Optional[Callable[[], ContextManager]] = None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"contrastive_chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.chunk_size = chunk_size
+        self.parameters = [p for p in parameters if p.requires_grad]
         self.recomputing = recomputing or contextlib.nullcontext
         self._encoded: List[_Encoded] = []
         self._autocast: Optional[_AutocastState] = None
@@ -131,15 +138,19 @@ class GradCache:
         if not any(loss.requires_grad for loss in losses):
             raise ValueError("GradCache.losses: no loss depends on the encoded leaves")
         # The losses' graphs (from the leaves) are not inputs of the returned tensors' node: autograd would
-        # walk them after step 2 has freed them. A throwaway leaf makes the returned tensors require grad.
+        # walk them after step 2 has freed them. The node's inputs are the parameters (their gradient is
+        # step 3's result) and a throwaway leaf (the returned tensors require grad even without parameters).
         anchor = torch.zeros((), requires_grad=True)
-        return _CachedLosses.apply(self, losses, anchor, *(loss.detach() for loss in losses))
+        values = [loss.detach() for loss in losses]
+        return _CachedLosses.apply(self, losses, len(self.parameters), anchor, *self.parameters, *values)
 
-    def _backward(self, grad_outputs: Sequence[Tensor], losses: Sequence[Tensor]) -> None:
+    def _backward(self, grad_outputs: Sequence[Tensor], losses: Sequence[Tensor]) -> List[Optional[Tensor]]:
+        """Steps 2 and 3: the parameters' gradient (None for one no chunk reached)."""
         leaves = [leaf for encoded in self._encoded for leaf in encoded.leaves if leaf is not None]
         pairs = [(loss, grad) for loss, grad in zip(losses, grad_outputs) if loss.requires_grad and grad is not None]
         grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
         cached = iter(grads)
+        totals: List[Optional[Tensor]] = [None] * len(self.parameters)
         with torch.enable_grad(), self._autocast.restored(), self.recomputing():
             for encoded in self._encoded:
                 leaf_grads = [next(cached) if leaf is not None else None for leaf in encoded.leaves]
@@ -151,20 +162,23 @@ class GradCache:
                         if grad is not None and tensor.requires_grad:
                             outputs.append(tensor)
                             seeds.append(grad[rows_slice].to(tensor.dtype))
-                    if outputs:
-                        torch.autograd.backward(outputs, seeds)
+                    if not outputs:
+                        continue
+                    chunk = torch.autograd.grad(outputs, self.parameters, seeds, allow_unused=True)
+                    totals = [t if g is None else (g if t is None else t + g) for t, g in zip(totals, chunk)]
+        return totals
 
 
 class _CachedLosses(torch.autograd.Function):
-    """Identity on the losses' values; its backward hands the incoming gradients to ``GradCache._backward``
-    and sends nothing further back."""
+    """Identity on the losses' values; its backward runs ``GradCache._backward`` with the incoming gradients
+    and returns the parameters' gradient."""
 
     @staticmethod
-    def forward(ctx, cache: GradCache, losses: Tuple[Tensor, ...], anchor: Tensor, *values: Tensor):
-        ctx.cache, ctx.losses = cache, losses  # the graphs from the leaves, for step 2
-        return tuple(value.clone() for value in values)
+    def forward(ctx, cache: GradCache, losses: Tuple[Tensor, ...], n_parameters: int, anchor: Tensor, *rest: Tensor):
+        ctx.cache, ctx.losses, ctx.n_parameters = cache, losses, n_parameters  # the losses' graphs, for step 2
+        return tuple(value.clone() for value in rest[n_parameters:])
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor):
-        ctx.cache._backward(grad_outputs, ctx.losses)
-        return (None, None, None) + (None,) * len(grad_outputs)
+        parameter_grads = ctx.cache._backward(grad_outputs, ctx.losses)
+        return (None, None, None, None, *parameter_grads) + (None,) * len(grad_outputs)

@@ -6,6 +6,7 @@ import socket
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -115,32 +116,13 @@ def _training_step_worker(rank: int, world: int, port: int, data: str, out: str,
     leave_process_group()
 
 
-def _chunked_step_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    from recbole_vlm2rec.errors import ConfigError
-
-    _join_group(rank, world, port)
-    try:
-        vlm2rec_model_and_batch(data, finetune="lora", lora_r=4, contrastive_chunk_size=4)
-        message = None
-    except ConfigError as error:
-        message = str(error)
-    torch.save(message, f"{out}/rank{rank}.pt")
-    leave_process_group()
-
-
-def test_chunked_step_under_several_processes_is_a_config_error(tmp_path):
-    data = tmp_path / "data"
-    write_tiny_multimodal_dataset(data)
-    mp.spawn(_chunked_step_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2)
-    for rank in (0, 1):
-        assert "contrastive_chunk_size works in one process only" in torch.load(tmp_path / f"rank{rank}.pt")
-
-
-def test_two_processes_with_half_batches_match_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("chunk_size", [None, 5])  # 5: the chunked (GradCache) step, 16 rows per process
+def test_two_processes_with_half_batches_match_one_process_with_the_whole_batch(tmp_path, chunk_size):
     data = tmp_path / "data"
     write_tiny_multimodal_dataset(data)
     overrides = {"finetune": "lora", "lora_r": 4, "lora_dropout": 0.0}  # dropout: other masks per process
     model, batch = vlm2rec_model_and_batch(data, **overrides)
+    overrides["contrastive_chunk_size"] = chunk_size  # the reference is the plain step of one process
     model.train()
     assert not model.cross_device_negatives and len(batch) == 32
     wpcl, crtr = model.calculate_loss(batch)

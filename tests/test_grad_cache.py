@@ -33,7 +33,7 @@ def _plain(model, x, y):
 
 
 def _chunked(model, x, y, chunk_size, weight=1.0):
-    cache = GradCache(chunk_size)
+    cache = GradCache(chunk_size, model.parameters())
     users = cache.encode(lambda rows: model.user(x[rows]), len(x))
     items = cache.encode(lambda rows: model.item(y[rows]), len(y))
     assert users.requires_grad and users.grad_fn is None  # a leaf: no graph to the towers before backward
@@ -81,7 +81,7 @@ def test_recomputation_draws_the_first_pass_dropout_masks():
 def test_bad_chunk_size_is_refused():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="contrastive_chunk_size must be an integer >= 1"):
-            GradCache(bad)
+            GradCache(bad, [])
 
 
 def _vlm2rec_step(data, **overrides):

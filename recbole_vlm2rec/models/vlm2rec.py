@@ -92,11 +92,6 @@ class VLM2Rec(SequentialRecommender):
         self.diagnostics = ModalityDiagnostics()
         self.cross_device_negatives = cross_device_negatives(config, "VLM2Rec")
         self.contrastive_chunk_size = config["contrastive_chunk_size"]  # checked in settings: ~ or an int >= 1
-        if self.contrastive_chunk_size and world_size() > 1:
-            # DDP's reducer expects each trainable parameter's gradient once per step; the chunked step
-            # accumulates it once per chunk
-            raise ConfigError("contrastive_chunk_size works in one process only for now; under --nproc set it to ~ "
-                              "and get the negatives from cross_device_negatives")
         if self.use_image and self.encoder.uses_vision_cache:
             stats = self.encoder.warm_vision_cache(
                 [p for p in self.item_images if p], batch_size=self.item_encode_batch_size,
@@ -178,9 +173,12 @@ class VLM2Rec(SequentialRecommender):
         cache = None
         if self.contrastive_chunk_size and self.training and torch.is_grad_enabled():
             # GradCache: leaves now, the encoder's gradient when the loss's backward runs (grad_cache.py)
-            cache = GradCache(self.contrastive_chunk_size, recomputing=self.encoder.recomputing)
-            users = cache.encode(lambda rows: self._encode_users(item_seq[rows], item_seq_len[rows]), len(pos_items))
-            items = cache.encode(lambda rows: self._encode_items(pos_items[rows]), len(pos_items))
+            cache = GradCache(self.contrastive_chunk_size, self.encoder.parameters(), recomputing=self.encoder.recomputing)
+            # the functions are called again in backward: they must keep this process's rows (pos_items is
+            # rebound to every process's ids below)
+            local_items = pos_items
+            users = cache.encode(lambda rows: self._encode_users(item_seq[rows], item_seq_len[rows]), len(local_items))
+            items = cache.encode(lambda rows: self._encode_items(local_items[rows]), len(local_items))
         else:
             users = self._encode_users(item_seq, item_seq_len)
             items = self._encode_items(pos_items)
