@@ -151,6 +151,8 @@ class GradCache:
         grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
         cached = iter(grads)
         totals: List[Optional[Tensor]] = [None] * len(self.parameters)
+        if not self.parameters:  # nothing trains (a frozen encoder): no chunk to encode again
+            return totals
         with torch.enable_grad(), self._autocast.restored(), self.recomputing():
             for encoded in self._encoded:
                 leaf_grads = [next(cached) if leaf is not None else None for leaf in encoded.leaves]

@@ -126,3 +126,16 @@ def test_run_recbole_with_chunks_trains_the_same_model(tmp_path):
     plain, chunked = results
     assert chunked["best_valid_score"] == pytest.approx(plain["best_valid_score"], abs=1e-6)
     assert dict(chunked["test_result"]) == pytest.approx(dict(plain["test_result"]), abs=1e-6)
+
+
+def test_frozen_encoders_need_no_recomputation():
+    model = Towers()
+    model.requires_grad_(False)
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    cache = GradCache(2, model.parameters())
+    calls = []
+    users = cache.encode(lambda rows: calls.append(rows) or model.user(x[rows]), 4)
+    items = cache.encode(lambda rows: model.item(y[rows]), 4)
+    (loss,) = cache.losses(info_nce(users, items))
+    loss.backward()
+    assert len(calls) == 2 and torch.isfinite(loss)  # the first pass's two chunks only
