@@ -177,7 +177,7 @@ class _CachedLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cache: GradCache, losses: Tuple[Tensor, ...], n_parameters: int, anchor: Tensor, *rest: Tensor):
-        ctx.cache, ctx.losses, ctx.n_parameters = cache, losses, n_parameters  # the losses' graphs, for step 2
+        ctx.cache, ctx.losses = cache, losses  # the losses' graphs from the leaves, for step 2
         return tuple(value.clone() for value in rest[n_parameters:])
 
     @staticmethod
