@@ -53,6 +53,9 @@ class EncoderConfig:
     max_text_tokens: int = 128
     #: Overrides of the named prompt templates (see ``encoder.prompts.DEFAULT_TEMPLATES``).
     prompt_templates: dict = field(default_factory=dict)
+    #: A batch of prompts runs as at most this many forwards, rows grouped by length so that little padding is
+    #: computed (``encoder/buckets.py``); 1 = one left-padded forward per batch.
+    length_buckets: int = 4
     #: Compute each image's visual tokens once and reuse them (only while the vision tower is frozen).
     vision_cache: bool = True
     #: Where the vision cache lives; None = under the directory the caller passes at runtime.
@@ -120,6 +123,7 @@ class EncoderConfig:
                 raise ValueError(
                     f"EncoderConfig: 'prompt_templates.{name}' must be a string, got {type(template).__name__}"
                 )
+        _check_type("length_buckets", self.length_buckets, int, positive=True)
         _check_type("vision_cache", self.vision_cache, bool)
         if self.vision_cache_dir is not None:
             _check_type("vision_cache_dir", self.vision_cache_dir, str)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from . import lora as lora_utils
 from recbole_vlm2rec.cross_device import world_size
 from recbole_vlm2rec.fusion import fuse
 
+from .buckets import length_buckets, visual_token_index
 from .catalog import catalog_digest, check_catalog, encode_in_length_order
 from .backbone import Backbone, image_features, transformers_major, vision_fingerprint
 from .loading import load_backbone
@@ -93,6 +95,8 @@ class VLMEncoder(torch.nn.Module):
         self.adapter_source: Optional[str] = None  # directory of the last loaded adapter
         # Unusable images seen so far: missing / unreadable files (distinct), no_image (entries None or "").
         self.image_stats = {"missing": 0, "unreadable": 0, "no_image": 0}
+        # Prompt tokens run so far: real ones, and computed ones (real + left padding; see length_buckets).
+        self.token_stats = {"real": 0, "computed": 0}
         self._reported_images = set()
         self._counting_unusable = True  # off while a chunked step re-encodes a batch (recomputing)
         self._cache_root = config.vision_cache_dir or os.path.join(cache_dir or "saved", "vision_cache")
@@ -356,8 +360,28 @@ class VLMEncoder(torch.nn.Module):
         return full, mask
 
     def _encode(self, prompts: List[str], visual=None, cache: bool = False) -> torch.Tensor:
-        batch = self.prompt_tokenizer.batch(self.prompt_tokenizer.encode(prompts, cache=cache)).to(self.device)
-        return self._forward(batch, visual)
+        """Embeddings of ``prompts`` (rows in order), run as up to ``length_buckets`` forwards of similar lengths."""
+        rows = self.prompt_tokenizer.encode(prompts, cache=cache)
+        groups = length_buckets([len(r) for r in rows], self.config.length_buckets)
+        self._count_tokens(rows, groups)
+        if len(groups) == 1:
+            return self._forward(self.prompt_tokenizer.batch(rows).to(self.device), visual)
+        image_id, per_image = self.prompt_tokenizer.image_token_id, self.image_preprocessor.tokens_per_image
+        images_per_row = [int(np.count_nonzero(r == image_id)) // per_image for r in rows]
+        parts = []
+        for group in groups:
+            batch = self.prompt_tokenizer.batch([rows[i] for i in group]).to(self.device)
+            parts.append(self._forward(batch, _select_visual(visual, visual_token_index(images_per_row, group, per_image))
+                                       if batch.num_images else None))
+        # Built on the CPU and copied without blocking (a blocking copy would wait for the GPU queue).
+        inverse = torch.from_numpy(np.argsort(np.concatenate(groups))).to(self.device, non_blocking=True)
+        return torch.cat(parts).index_select(0, inverse)
+
+    def _count_tokens(self, rows: list, groups: list) -> None:
+        """Add this batch's real and computed (real + padding) token counts to :attr:`token_stats`."""
+        lengths = np.asarray([len(r) for r in rows])
+        self.token_stats["real"] += int(lengths.sum())
+        self.token_stats["computed"] += int(sum(len(g) * lengths[g].max() for g in groups))
 
     def _forward(self, batch: TokenBatch, visual) -> torch.Tensor:
         """Splice visual tokens into the token embeddings, run the language model, pool the last token."""
@@ -500,6 +524,13 @@ class VLMEncoder(torch.nn.Module):
             examples = ", ".join(f"{_describe(s)} ({r})" for s, r in new[:3])
             logger.warning("%d image file(s) unusable, their image branch is masked: %s%s. Totals so far: %s.",
                            len(new), examples, " ..." if len(new) > 3 else "", self.image_stats)
+
+
+def _select_visual(visual, index: np.ndarray):
+    """The visual tokens (and deepstack features) at ``index`` of a batch's ``(tokens, deepstack)``."""
+    tokens, deepstack = visual
+    index = torch.from_numpy(index).to(tokens.device, non_blocking=True)
+    return tokens.index_select(0, index), [d.index_select(0, index) for d in deepstack]
 
 
 def _after_load_state_dict(encoder: "VLMEncoder", incompatible_keys) -> None:
