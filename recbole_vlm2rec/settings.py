@@ -189,6 +189,7 @@ def _model_rules() -> Dict[str, Dict[str, Rule]]:
         "alpha": number(0),
         "grad_norm_diagnostics": BOOLEAN,
         "diagnostics_every": integer(1),
+        "compile_objective": BOOLEAN,
         "cross_device_negatives": optional(BOOLEAN),
         "loss_type": choice("CE"),
         "train_neg_sample_args": NO_SAMPLING,

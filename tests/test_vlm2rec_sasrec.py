@@ -128,6 +128,39 @@ def test_gradient_norm_ratio_is_computed_on_every_kth_training_step_only(tmp_pat
     assert int(model.diagnostics._counts["grad_norm_ratio"]) == 3  # the epoch mean is over the 3 measured steps
 
 
+def test_compiled_objective_gives_the_eager_losses_gradients_and_detector_state(tmp_path):
+    torch.set_num_threads(1)
+    write_features(tmp_path / "f")
+    models = {}
+    for compiled in (False, True):
+        _, train_data, model = build(feature_prefix=str(tmp_path / "f"), alpha=0.5, lambda_=0.5,
+                                     hidden_dropout_prob=0.0, attn_dropout_prob=0.0, adapter_dropout=0.0,
+                                     grad_norm_diagnostics=False,
+                                     compile_objective=compiled)
+        models[compiled] = model
+    models[True].load_state_dict(models[False].state_dict())
+    batches = list(train_data)[:2]
+    results = {}
+    for compiled, model in models.items():
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        steps = []
+        for batch in batches:  # two steps: the second sees the detector's EMA of the first
+            optimizer.zero_grad()
+            terms = model.calculate_loss(batch)
+            sum(terms).backward()
+            steps.append(([float(t) for t in terms], [p.grad.clone() for p in model.parameters()]))
+            optimizer.step()
+        results[compiled] = steps, {k: v.clone() for k, v in model.objective.detector.state_dict().items()}
+    assert models[True].objective._compiled_call_impl is not None  # it did run compiled
+    for (eager_terms, eager_grads), (compiled_terms, compiled_grads) in zip(results[False][0], results[True][0]):
+        assert compiled_terms == pytest.approx(eager_terms, rel=1e-5, abs=1e-6)
+        for a, b in zip(eager_grads, compiled_grads):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    for key, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], value, atol=1e-6, rtol=1e-5)
+
+
 def test_a_text_only_prefix_is_read_as_text_only_and_the_modality_terms_are_off(tmp_path, caplog):
     """feature_modalities: ~ (the default) reads the modalities the prefix has; with one, WPCL and CRTR (which
     compare two branches) are not computed and the log says so."""
