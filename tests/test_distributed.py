@@ -3,6 +3,7 @@
 (recbole_vlm2rec/cross_device.py)."""
 import glob
 import os
+import re
 import socket
 import sys
 
@@ -34,6 +35,43 @@ def test_sasrec_trains_and_tests_with_two_cpu_processes(tmp_path):
     assert len(checkpoints) == 1  # one name for every rank, written once, read back by both after fit
 
 
+def _test_result(output: str) -> dict:
+    line = next(line for line in output.splitlines() if "test result:" in line)
+    return {k: float(v) for k, v in re.findall(r"'([a-z]+(?:@\d+)?)'[,:] (?:np\.float64\()?([0-9.]+)", line)}
+
+
+def test_evaluation_with_two_processes_equals_one_process_on_the_same_checkpoint(tmp_path):
+    # 59 users: RecBole's DistributedSampler pads rank 1's share with a repeat of the first user, and each
+    # rank's metrics were rounded before RecBole averaged them
+    data = tmp_path / "data" / "tiny-odd"
+    data.mkdir(parents=True)
+    lines = (FIXTURES / "tiny-seq" / "tiny-seq.inter").read_text().splitlines()
+    data.joinpath("tiny-odd.inter").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split("\t")[0] != "u1"]))
+    settings = [f"--data_path={tmp_path / 'data'}", f"--config_files={FIXTURES / 'tiny-seq.yaml'}", "--gpu_id=",
+                "--metrics=['Recall','MRR','NDCG','Hit','Precision','MAP','GAUC']", "--topk=[3,10]"]
+    done = run_cli(["--model=SASRec", "--dataset=tiny-odd", *settings, "--nproc=2", "--epochs=2",
+                    f"--port={_free_port()}", f"--checkpoint_dir={tmp_path / 'saved'}"], cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    two_processes = _test_result(output)
+    (checkpoint,) = glob.glob(str(tmp_path / "saved" / "SASRec-*.pth"))
+
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.trainer import Trainer
+
+    config = Config(model="SASRec", dataset="tiny-odd", config_file_list=[str(FIXTURES / "tiny-seq.yaml")],
+                    config_dict={"data_path": str(tmp_path / "data"), "gpu_id": "", "topk": [3, 10],
+                                 "metrics": ["Recall", "MRR", "NDCG", "Hit", "Precision", "MAP", "GAUC"]})
+    _, _, test_data = data_preparation(config, create_dataset(config))
+    assert test_data.sample_size == 59
+    model = SASRec(config, test_data._dataset)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    one_process = dict(Trainer(config, model).evaluate(test_data, load_best_model=False))
+    assert len(two_processes) == 13 and two_processes == {k: float(v) for k, v in one_process.items()}
+
+
 def test_vlm2rec_trains_tests_and_exports_once_with_two_cpu_processes(tmp_path):
     write_tiny_multimodal_dataset(tmp_path / "data")
     done = run_cli(["--model=VLM2Rec", "--dataset=tiny-mm", f"--data_path={tmp_path / 'data'}",
@@ -49,13 +87,20 @@ def test_vlm2rec_trains_tests_and_exports_once_with_two_cpu_processes(tmp_path):
 
     from recbole.quick_start import load_data_and_model
 
-    _, model, dataset, _, _, _ = load_data_and_model(checkpoint)
+    config, model, dataset, _, _, test_data = load_data_and_model(checkpoint)
     model.eval()
     catalog = model.catalog_embeddings()
     tokens = list(dataset.field2id_token["item_id"][1:])
     for modality in ("text", "image", "fused"):
         exported, _ = load_item_embeddings(checkpoint[:-4] + "/item_embeddings", modality, expected_tokens=tokens)
         np.testing.assert_allclose(exported, catalog[modality][1:].numpy(), atol=1e-6)
+    # and the printed test metrics (each process scored half of the users against the sharded catalog) are
+    # one process's evaluation of the checkpoint
+    from recbole_vlm2rec.trainer import VLM2RecTrainer
+
+    assert config["single_spec"] and test_data.sample_size == 80
+    one_process = VLM2RecTrainer(config, model).evaluate(test_data, load_best_model=False)
+    assert _test_result(output) == {k: float(v) for k, v in one_process.items()}
 
 
 def _join_group(rank: int, world: int, port: int) -> None:

@@ -15,6 +15,15 @@ Two races between the ranks are closed on both back-ends:
 * after ``fit`` every rank reloads the best checkpoint, which only rank 0 writes, and nothing made the others
   wait for it (another rank read a half-written file). ``evaluate`` with ``load_best_model`` now starts with
   a barrier.
+
+And evaluation is exact on both back-ends. RecBole gives each rank every N-th evaluation sample (a
+``DistributedSampler``, which pads the samples to a multiple of N by repeating the first ones), computes each
+rank's metrics on its share, rounds them, and averages them weighted by share size: up to N - 1 users count
+twice and a mean of rounded per-rank metrics is not the metric. Now, when every rank's collector holds one row
+per sample (full ranking and sampled ranking, one row per user), the rows are gathered, put back in sample
+order and cut to the real samples, and every rank computes the metrics of the whole evaluation set, as one
+process would (``_map_reduce`` then has nothing to average). Otherwise (value metrics with sampled negatives:
+several rows per sample) RecBole's averaging stays, and a warning says so once.
 """
 from __future__ import annotations
 
@@ -81,6 +90,71 @@ def _wait_for_the_best_checkpoint(evaluate):
     return wrapped
 
 
+#: The collector's entries with one row per evaluation sample, in sample order (``Collector.eval_batch_collect``);
+#: its other entries come from the training data, the same on every rank.
+PER_SAMPLE_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label")
+_warned_inexact = False
+
+
+def gather_evaluation_rows(struct, samples: int) -> bool:
+    """Replace this rank's per-sample rows of the collector's ``struct`` with every rank's, in sample order,
+    without the ``DistributedSampler``'s padding (rank ``r`` holds samples ``r, r + N, ...`` of the padded
+    list). Returns False, changing nothing, when a rank's rows are not one per sample (a collective: every rank
+    calls it, and all agree)."""
+    world = torch.distributed.get_world_size()
+    per_rank = -(-samples // world)  # the sampler pads every rank to this many samples
+    keys = [key for key in PER_SAMPLE_KEYS if key in struct]
+    exact = torch.tensor([all(struct[key].shape[0] == per_rank for key in keys)], dtype=torch.int32,
+                         device=struct[keys[0]].device if keys else "cpu")
+    torch.distributed.all_reduce(exact, op=torch.distributed.ReduceOp.MIN)
+    if not keys or not bool(exact):
+        return False
+    for key in keys:
+        rows = struct[key].contiguous()
+        shards = [torch.empty_like(rows) for _ in range(world)]
+        torch.distributed.all_gather(shards, rows)
+        # [N, per_rank, ...] -> sample j * N + r is row j of rank r
+        struct.set(key, torch.stack(shards, dim=1).flatten(0, 1)[:samples])
+    return True
+
+
+def _exact_evaluation(evaluate):
+    def wrapped(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if self.config["single_spec"] or not eval_data:
+            return evaluate(self, eval_data, load_best_model, model_file, show_progress)
+        collector = self.eval_collector
+        get_data_struct = collector.get_data_struct
+
+        def gathered_data_struct():  # called once by evaluate, after the last batch
+            global _warned_inexact
+            struct = get_data_struct()
+            self._evaluation_gathered = gather_evaluation_rows(struct, eval_data.sample_size)
+            if not self._evaluation_gathered and not _warned_inexact:
+                _warned_inexact = True
+                self.logger.warning("Evaluation under --nproc: this evaluation has several rows per sample, so "
+                                    "its metrics are RecBole's mean of per-process metrics, not the exact "
+                                    "metrics of one process.")
+            return struct
+
+        collector.get_data_struct = gathered_data_struct
+        try:
+            return evaluate(self, eval_data, load_best_model, model_file, show_progress)
+        finally:
+            del collector.get_data_struct  # the class's method again
+            self._evaluation_gathered = False
+
+    return wrapped
+
+
+def _map_reduce_unless_gathered(map_reduce):
+    def wrapped(self, result, num_sample):
+        if getattr(self, "_evaluation_gathered", False):
+            return result  # every rank computed the metrics of the whole evaluation set
+        return map_reduce(self, result, num_sample)
+
+    return wrapped
+
+
 def _cpu_distributed_training() -> None:
     global _ORIGINAL_INIT_DEVICE
     import recbole.config.configurator as configurator
@@ -89,7 +163,8 @@ def _cpu_distributed_training() -> None:
     if _ORIGINAL_INIT_DEVICE is None:
         _ORIGINAL_INIT_DEVICE = configurator.Config._init_device
         configurator.Config._init_device = _init_device
-        trainer.Trainer.evaluate = _wait_for_the_best_checkpoint(trainer.Trainer.evaluate)
+        trainer.Trainer.evaluate = _wait_for_the_best_checkpoint(_exact_evaluation(trainer.Trainer.evaluate))
+        trainer.Trainer._map_reduce = _map_reduce_unless_gathered(trainer.Trainer._map_reduce)
     trainer.DistributedDataParallel = distributed_data_parallel
     for name in _ENSURE_DIR_USERS:
         module = importlib.import_module(name)
