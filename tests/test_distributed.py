@@ -237,9 +237,13 @@ def _cached_tokens(encoder, images) -> dict:
 
 def _vision_cache_worker(rank: int, world: int, port: int, images: list, out: str) -> None:
     _join_group(rank, world, port)
+    from recbole_vlm2rec.encoder.vision_cache import VisionCache
+
+    written, put = [], VisionCache.put
+    VisionCache.put = lambda cache, keys, values: written.extend(keys) or put(cache, keys, values)
     encoder = _tiny_encoder(f"{out}/shared")
     stats = encoder.warm_vision_cache(images, batch_size=2, progress=False, shard=True)
-    torch.save({"stats": stats, "tokens": _cached_tokens(encoder, images)}, f"{out}/rank{rank}.pt")
+    torch.save({"stats": stats, "tokens": _cached_tokens(encoder, images), "written": written}, f"{out}/rank{rank}.pt")
     _leave_group()
 
 
@@ -257,6 +261,7 @@ def test_vision_cache_warmed_by_two_processes_equals_one_process(tmp_path):
     mp.spawn(_vision_cache_worker, args=(2, _free_port(), images + images[:2], str(tmp_path)), nprocs=2)
     shares = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert [share["stats"]["computed"] for share in shares] == [4, 3]  # each process its share, once
+    assert len(shares[0]["written"]) == 7 and shares[1]["written"] == []  # one writer: process 0
     for share in shares:  # and each reads every image's tokens afterwards
         assert set(share["tokens"]) == set(expected)
         for key, tokens in expected.items():

@@ -69,7 +69,8 @@ ones here.
    float32 activations: no KSR run gets past its first batch. They are cast to the model's dtype.
 14. Distributed training on CPUs (``distributed.py``). RecBole's ``--nproc`` path hard-codes NCCL and CUDA
    devices; with ``gpu_id: ''`` (or without CUDA) the processes join a ``gloo`` group on the CPU instead, and
-   the model is wrapped in ``DistributedDataParallel`` without ``device_ids``.
+   the model is wrapped in ``DistributedDataParallel`` without ``device_ids``. On both back-ends, evaluation
+   gathers every process's per-sample rows and computes the metrics once (equal to one process's).
 """
 
 from __future__ import annotations

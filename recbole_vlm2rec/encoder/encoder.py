@@ -250,21 +250,17 @@ class VLMEncoder(torch.nn.Module):
         ``images, cached_before, computed, missing, unreadable, no_image`` (entries None or "").
 
         ``shard``: under ``torch.distributed`` every process calls it with the same ``images`` (a
-        collective); process ``r`` of ``N`` warms every ``N``-th distinct image from ``r``, into the cache
-        the processes share on disk (its writers take turns, see ``vision_cache.py``), and returns once all
-        shares are stored, with the counts of its own share.
+        collective); process ``r`` of ``N`` computes every ``N``-th distinct image from ``r``, and sends the
+        tokens to process 0, the one writer of the cache files, batch by batch; it returns once all shares
+        are stored (and visible to every process), with the counts of its own share.
         """
-        if shard and world_size() > 1:
-            share = list(dict.fromkeys(images))[dist.get_rank()::world_size()]
-            stats = self.warm_vision_cache(share, batch_size, progress)
-            dist.barrier()
-            if self.uses_vision_cache:
-                self.vision_cache.refresh()  # the other processes' rows
-            return stats
         from tqdm.auto import tqdm
 
+        sharded = shard and world_size() > 1
+        if sharded:
+            images = list(dict.fromkeys(images))[dist.get_rank()::world_size()]
         stats = dict(images=len(images), cached_before=0, computed=0, missing=0, unreadable=0, no_image=0)
-        if not self.uses_vision_cache:
+        if not self.uses_vision_cache:  # the same on every process: none of them enters a collective
             logger.info("warm_vision_cache: the vision cache is off (vision_cache false or vision tower trains).")
             return stats
         cache = self.vision_cache
@@ -281,21 +277,46 @@ class VLMEncoder(torch.nn.Module):
         failures = [(img, "missing") for img in absent]
         pending = list(todo.items())
         chunks = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+        rounds = len(chunks)
+        if sharded:  # every process takes part in as many rounds as the longest share has batches
+            rounds = torch.tensor([rounds], device=self.device)
+            dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+            rounds = int(rounds)
         with ThreadPoolExecutor(max_workers=1) as prefetch, \
                 tqdm(total=len(pending), desc="vision cache", unit="img", disable=not progress) as bar:
             future = prefetch.submit(self._prepare_images, [img for _, img in chunks[0]]) if chunks else None
-            for i, chunk in enumerate(chunks):
-                prepared = future.result()
-                if i + 1 < len(chunks):
-                    future = prefetch.submit(self._prepare_images, [img for _, img in chunks[i + 1]])
-                stored, failed = self._compute_into_cache([k for k, _ in chunk], [img for _, img in chunk], prepared)
-                stats["computed"] += stored
+            for i in range(rounds):
+                keys, values, failed = [], None, []
+                if i < len(chunks):
+                    prepared = future.result()
+                    if i + 1 < len(chunks):
+                        future = prefetch.submit(self._prepare_images, [img for _, img in chunks[i + 1]])
+                    keys, values, failed = self._vision_rows([k for k, _ in chunks[i]], [img for _, img in chunks[i]],
+                                                             prepared)
+                if sharded:
+                    self._store_on_rank_zero(keys, values)
+                elif keys:
+                    cache.put(keys, values)
+                stats["computed"] += len(keys)
                 for _, reason in failed:
                     stats[reason] += 1
                 failures += failed
-                bar.update(len(chunk))
+                bar.update(len(chunks[i]) if i < len(chunks) else 0)
         self._report_unusable(failures)
+        if sharded:
+            dist.barrier()  # process 0 has stored every share
+            cache.refresh()
         return stats
+
+    def _store_on_rank_zero(self, keys: list, values: Optional[torch.Tensor]) -> None:
+        """Process 0 receives every process's ``(keys, tokens)`` of one warm-up round and writes them (a collective)."""
+        cache = self.vision_cache
+        mine = (keys, values.to("cpu", cache.torch_dtype) if values is not None else None)
+        parts = [None] * world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        for part_keys, part_values in parts or ():
+            if part_keys:
+                cache.put(part_keys, part_values)
 
     def save_adapter(self, directory: str) -> None:
         """Write the LoRA adapter on its own (peft format) plus a ``vlm2rec_adapter.json`` naming the backbone."""
@@ -471,22 +492,30 @@ class VLMEncoder(torch.nn.Module):
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             return list(pool.map(lambda img: open_image(img, size), images))
 
-    def _compute_into_cache(self, keys: list, images: list, prepared: Optional[tuple] = None):
-        """Run the vision tower on the images (eval mode) and store them; ``prepared`` is
-        ``_prepare_images(images)`` when already done. Returns ``(number stored, [(image, reason)] not loaded)``.
-        """
+    def _compute_into_cache(self, keys: list, images: list):
+        """Run the vision tower on the images (eval mode) and store them. Returns ``(number stored,
+        [(image, reason)] not loaded)``."""
+        good, values, failures = self._vision_rows(keys, images)
+        if good:
+            self.vision_cache.put(good, values)
+        return len(good), failures
+
+    def _vision_rows(self, keys: list, images: list, prepared: Optional[tuple] = None):
+        """The cache rows of the loadable images, computed by the vision tower in eval mode; ``prepared`` is
+        ``_prepare_images(images)`` when already done. Returns ``(keys of the loaded images, values
+        [n, layers, T, D] or None, [(image, reason)] not loaded)``."""
         loaded, pixels = self._prepare_images(images) if prepared is None else prepared
         failures = [(src, reason) for src, (img, reason) in zip(images, loaded) if img is None]
         good = [k for k, (img, _) in zip(keys, loaded) if img is not None]
-        if good:
-            was_training = self.base_model.visual.training
-            self.base_model.visual.eval()
-            tokens, deepstack = self._vision_forward(pixels, len(good))
-            self.base_model.visual.train(was_training)
-            n, t = len(good), self.image_preprocessor.tokens_per_image
-            values = torch.stack([tokens.reshape(n, t, -1)] + [d.reshape(n, t, -1) for d in deepstack], dim=1)
-            self.vision_cache.put(good, values)
-        return len(good), failures
+        if not good:
+            return good, None, failures
+        was_training = self.base_model.visual.training
+        self.base_model.visual.eval()
+        tokens, deepstack = self._vision_forward(pixels, len(good))
+        self.base_model.visual.train(was_training)
+        n, t = len(good), self.image_preprocessor.tokens_per_image
+        values = torch.stack([tokens.reshape(n, t, -1)] + [d.reshape(n, t, -1) for d in deepstack], dim=1)
+        return good, values, failures
 
     @contextlib.contextmanager
     def recomputing(self):

@@ -17,7 +17,8 @@ settings and compute dtype, so another backbone, image size or dtype opens a dif
 from scratch. An image's key includes its file size and mtime, so an edited image file is recomputed.
 A directory whose ``meta.json`` does not match its key, or whose files are inconsistent, is rebuilt.
 
-Writers take an exclusive ``flock`` on ``lock`` (POSIX), so data-parallel ranks may share a cache.
+Writers take an exclusive ``flock`` on ``lock`` (POSIX), so data-parallel ranks may share a cache; the
+sharded warm-up (``VLMEncoder.warm_vision_cache(shard=True)``) writes from rank 0 only.
 Disk use per image: layers x tokens_per_image x hidden x bytes (Qwen2-VL-2B at 224 px, bf16:
 64 x 1536 x 2 = 196,608 bytes, 1.97 GB per 10,000 images).
 """
