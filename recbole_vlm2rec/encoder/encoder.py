@@ -11,9 +11,9 @@ positions of the token embeddings (``masked_scatter``); the multimodal rotary po
 ``inputs.rope_positions``; and the language model runs on these ``inputs_embeds``. That is what the
 transformers forward does inside, so both give the same embeddings (tests check it per family).
 
-Why one module of ~490 lines: it is one class whose parts share its state (backbone, prompt tokenizer,
+Why one module of ~580 lines: it is one class whose parts share its state (backbone, prompt tokenizer,
 image preprocessor, vision cache, image statistics); the stateless pieces live beside it (``catalog.py``,
-``inputs.py``, ``prompts.py``, ``vision_cache.py``, ``lora.py``).
+``inputs.py``, ``prompts.py``, ``vision_cache.py``, ``lora.py``, ``buckets.py``).
 """
 from __future__ import annotations
 
