@@ -6,6 +6,11 @@ The experiment of the paper's central claim, on a synthetic catalog where it can
   theme, named in the title) and an image attribute (pattern, drawn dark on a light background so that the
   vision tower can see it); the next item depends on both jointly, so text alone and image alone each
   reach only part of the attainable accuracy (the oracle hit rates printed with the table);
+* attribute ceilings (``dataset_tools.synthetic.attribute_ceilings``): the expected NDCG@10 of a scorer that
+  knows a planted attribute of the last history item and nothing else, on the benchmark's own evaluation
+  (full ranking, history items ranked as RecBole ranks them for sequential models). A uni-modal model that
+  has learnt its attribute perfectly, and no item identity, sits at its modality's ceiling; the
+  *learnability* summary reads each ``<modality> alone`` row against the untrained row and that ceiling;
 * uni-modal references (``text alone``, ``image alone``: ``modalities: [text]`` / ``[image]``) say what each
   modality reaches on its own; a modality's *retention* inside a jointly trained model is its NDCG@10 there
   divided by its NDCG@10 when trained alone (per seed), the collapse measure of the multimodal-imbalance
@@ -427,6 +432,52 @@ def _curve(per_seed: Dict[int, dict], untrained: Optional[Dict[int, dict]], seed
     return curve
 
 
+def learnability(rows: dict, ceilings: Optional[dict], split: str = "test") -> dict:
+    """Per modality, how far training on that modality alone gets from the untrained model (issue 12's
+    "the image path can learn"): per seed, ``alone_over_untrained`` = NDCG@10 of ``<modality> alone`` over the
+    untrained row's, and, where the catalog has planted attributes, ``ceiling_over_untrained`` (the most that
+    ratio can be for a model that knows the attribute and nothing else), ``alone_over_ceiling`` and
+    ``gap_closed`` = (alone - untrained) / (ceiling - untrained). Modalities whose rows were not run are left out.
+    """
+    result = {}
+    for modality in ("text", "image"):
+        metric = f"{modality}_only_ndcg@10"
+        if f"{modality} alone" not in rows or "untrained" not in rows:
+            continue
+        alone = rows[f"{modality} alone"][metric]["values"]
+        untrained = rows["untrained"][metric]["values"]
+        pairs = [(a, u) for a, u in zip(alone, untrained)]
+        entry = {"alone_over_untrained": _stats([a / u if a is not None and u else math.nan for a, u in pairs])}
+        if ceilings:
+            ceiling = ceilings[split][modality]["ndcg@10"]
+            entry.update({
+                "ceiling_ndcg@10": ceiling,
+                "ceiling_over_untrained": _stats([ceiling / u if u else math.nan for _, u in pairs]),
+                "alone_over_ceiling": _stats([a / ceiling if a is not None else math.nan for a, _ in pairs]),
+                "gap_closed": _stats([(a - u) / (ceiling - u) if a is not None and u is not None and ceiling != u
+                                      else math.nan for a, u in pairs]),
+            })
+        result[modality] = entry
+    return result
+
+
+def learnability_lines(report: dict) -> List[str]:
+    """One line per modality of :func:`learnability`, plus the ceilings of every scorer."""
+    lines = []
+    if report.get("ceilings"):
+        test = report["ceilings"]["test"]
+        lines.append("attribute ceilings, expected NDCG@10 (knows the last history item's attributes, ties at "
+                     "random): " + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in test.items()))
+    for modality, entry in report["learnability"].items():
+        line = f"{modality} alone / untrained {_cell(entry['alone_over_untrained'], '.2f')}"
+        if "ceiling_ndcg@10" in entry:
+            line += (f"; ceiling {entry['ceiling_ndcg@10']:.4f} = {_cell(entry['ceiling_over_untrained'], '.2f')}"
+                     f" x untrained; alone reaches {_cell(entry['alone_over_ceiling'], '.2f')} of the ceiling and "
+                     f"closes {_cell(entry['gap_closed'], '.2f')} of the untrained-to-ceiling gap")
+        lines.append(line)
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- output
 
 def _cell(stat: dict, spec: str = ".4f") -> str:
@@ -532,6 +583,8 @@ def write_outputs(out: str, report: dict, plots: bool = True) -> List[str]:
     if report.get("oracle"):
         md.append("Oracle Hit@10 of the catalog (scorers that know the planted attributes): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in report["oracle"].items()) + "\n")
+    if report.get("ceilings"):
+        md += ["## Attribute ceilings and learnability (test split)\n", *learnability_lines(report), ""]
     md_path = os.path.join(out, "results.md")
     with open(md_path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(md))
@@ -588,7 +641,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dataset_tools.synthetic import build_synthetic, oracle_hit_rates
+    from dataset_tools.synthetic import attribute_ceilings, build_synthetic, oracle_hit_rates
 
     started = time.perf_counter()
     rows = list(ROWS) + list(SWEEP[:1] if args.quick else SWEEP)
@@ -601,7 +654,8 @@ def main(argv=None) -> None:
     device = {"gpu_id": "0" if args.device == "cuda" else ""}
     with tempfile.TemporaryDirectory(prefix="modality-collapse-", dir=args.data_dir) as root:
         if args.dataset:
-            data_path, dataset, settings, spec, oracle = os.path.abspath(args.data_path), args.dataset, {}, None, None
+            data_path, dataset, settings, spec = os.path.abspath(args.data_path), args.dataset, {}, None
+            oracle = ceilings = None
         else:
             spec = QUICK_SPEC if args.quick else COLLAPSE_SPEC
             if args.image_colours:
@@ -609,6 +663,7 @@ def main(argv=None) -> None:
             data_path, dataset, settings = root, SYNTHETIC_DATASET, dict(SYNTHETIC_SETTINGS)
             build_synthetic(root, dataset, spec, kcore=3 if args.quick else 5, image_format="png", progress=False)
             oracle = oracle_hit_rates(os.path.join(root, dataset), dataset, k=10)
+            ceilings = attribute_ceilings(os.path.join(root, dataset), dataset, k=10)
             if args.quick:
                 settings.update(train_batch_size=32, image_size=28)
         settings.update(EVALUATION_SETTINGS, **device)
@@ -625,12 +680,15 @@ def main(argv=None) -> None:
               f"model evaluated (no best-epoch selection), full ranking. Seeds {args.seeds}. "
               f"Runtime {runtime / 60:.1f} min ({args.jobs} parallel runs).")
     report = {"seeds": args.seeds, "rows": table_rows, "selection": selection, "oracle": oracle,
+              "ceilings": ceilings, "learnability": learnability(table_rows, ceilings),
               "spec": asdict(spec) if spec else None, "settings": settings, "epochs": args.epochs,
               "runtime_s": round(runtime, 1), "header": header}
     paths = write_outputs(args.out, report)
     print("\n" + header)
     if oracle:
         print("oracle Hit@10: " + ", ".join(f"{k} {v:.3f}" for k, v in oracle.items()))
+    if report["learnability"]:
+        print("\nlearnability (test split)\n" + "\n".join(learnability_lines(report)))
     print("\ntest split (mean ± standard error over seeds)")
     print("\n".join(table_lines(table_rows)))
     print("\nvalidation split, NDCG@10")

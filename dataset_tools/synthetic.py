@@ -21,6 +21,9 @@ yet consumed with weight ``popularity * exp(SHARPNESS * (text_signal * same_them
 image_signal * same_pattern))``. So the next item depends on both modalities; ``text_signal`` and
 ``image_signal`` (0..1) set how much. :func:`oracle_hit_rates` scores with the true attributes of a
 user's last item: both attributes beat either alone by a wide margin with the default signals.
+:func:`attribute_ceilings` gives the expected NDCG/Hit of the same scorers without a popularity
+tie-break: what a model that has learnt an attribute, and nothing that tells the items sharing it apart,
+can reach.
 
 Every random draw comes from a stream keyed by (seed, purpose, index), so the output is the same
 bytes for the same seed and library versions, whatever the order of work.
@@ -266,14 +269,10 @@ def read_latent(dataset_dir, name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
-    """Hit@k of the last item of each user for scorers that know the true latent attributes.
-
-    The target is each user's last item; each scorer ranks the items not in the user's history by
-    agreement with the attributes of the last history item: ``both`` weighs theme and pattern matches
-    by the generator's signals, ``text`` and ``image`` use one attribute, ``popularity`` none. Ties
-    are broken by how often items occur in the histories.
-    """
+def _planted_sequences(dataset_dir, name: str):
+    """``(theme, pattern, signals, sequences)`` of a converted synthetic dataset: each item's planted attributes
+    (arrays indexed by the sorted item ids), the generator's (text_signal, image_signal), and every user's items
+    in time order (as indices), users sorted by id."""
     latent = read_latent(dataset_dir, name)
     inter = pd.read_csv(pathlib.Path(dataset_dir) / f"{name}.inter", sep="\t", dtype=str, keep_default_na=False)
     inter.columns = [c.split(":")[0] for c in inter.columns]
@@ -282,10 +281,21 @@ def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
     index = {it: n for n, it in enumerate(items)}
     theme = np.array([latent["items"][it]["text"] for it in items])
     pattern = np.array([latent["items"][it]["image"] for it in items])
-    wt, wv = latent["spec"]["text_signal"], latent["spec"]["image_signal"]
     sequences = [[index[x] for x in g["item_id"]]
                  for _, g in inter.sort_values(["user_id", "timestamp"], kind="stable").groupby("user_id", sort=True)]
-    counts = np.zeros(len(items))
+    return theme, pattern, (latent["spec"]["text_signal"], latent["spec"]["image_signal"]), sequences
+
+
+def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
+    """Hit@k of the last item of each user for scorers that know the true latent attributes.
+
+    The target is each user's last item; each scorer ranks the items not in the user's history by
+    agreement with the attributes of the last history item: ``both`` weighs theme and pattern matches
+    by the generator's signals, ``text`` and ``image`` use one attribute, ``popularity`` none. Ties
+    are broken by how often items occur in the histories.
+    """
+    theme, pattern, (wt, wv), sequences = _planted_sequences(dataset_dir, name)
+    counts = np.zeros(len(theme))
     for seq in sequences:
         np.add.at(counts, seq[:-1], 1)
     tie_break = 1e-3 * counts / max(counts.max(), 1)
@@ -298,3 +308,47 @@ def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
             score[seq[:-1]] = -np.inf
             hits[scorer] += int(np.sum(score > score[target]) < k)
     return {scorer: h / len(sequences) for scorer, h in hits.items()}
+
+
+def attribute_ceilings(dataset_dir, name: str, k: int = 10, exclude_history: bool = False) -> dict:
+    """Expected Hit@k and NDCG@k of scorers that know only the planted attributes, per evaluation split.
+
+    Leave-one-out as RecBole's ``LS: valid_and_test``: the ``valid`` target is each user's second-to-last
+    item, the ``test`` target the last, and the items before it are the history. ``exclude_history=False``
+    ranks the history items too, as RecBole's full ranking does for sequential models (VLM2Rec, SASRec: their
+    evaluation batches carry no history index), so the ceiling reads on the same scale as their metrics; the
+    generator never repeats an item, so a history item is never the target but does compete with it.
+    Each scorer ranks by agreement with the attributes of the last history item (``both`` weighs theme and
+    pattern by the generator's signals, ``text`` and ``image`` use one, ``none`` nothing) and orders equally
+    scored items at random; the numbers are the exact expectations over that order, not a sample. Unlike
+    :func:`oracle_hit_rates` nothing breaks ties by popularity: this is what knowing an attribute is worth to
+    a model that cannot otherwise tell the items sharing it apart, i.e. the ceiling of a uni-modal model that
+    has learnt its attribute perfectly and no item identity.
+
+    Returns ``{"valid"|"test": {"both"|"text"|"image"|"none": {"hit@k": h, "ndcg@k": n}}}``.
+    """
+    theme, pattern, (wt, wv), sequences = _planted_sequences(dataset_dir, name)
+    weights = {"both": (wt, wv), "text": (1.0, 0.0), "image": (0.0, 1.0), "none": (0.0, 0.0)}
+    gains = 1.0 / np.log2(np.arange(2, k + 2))  # the NDCG of the one relevant item at rank 1..k
+    result = {}
+    for split, cut in (("valid", 1), ("test", 0)):
+        sums = {scorer: np.zeros(2) for scorer in weights}
+        users = 0
+        for seq in sequences:
+            seq = seq[:len(seq) - cut]
+            if len(seq) < 2:
+                continue
+            history, target = seq[:-1], seq[-1]
+            users += 1
+            for scorer, (a, b) in weights.items():
+                score = a * (theme == theme[history[-1]]) + b * (pattern == pattern[history[-1]])
+                if exclude_history:
+                    score[history] = -np.inf
+                above = int(np.sum(score > score[target]))
+                tied = int(np.sum(score == score[target]))  # the target and the items it ties with
+                ranks = np.arange(above, above + tied)  # 0-based, each equally likely
+                inside = ranks[ranks < k]
+                sums[scorer] += (len(inside) / tied, gains[inside].sum() / tied)
+        result[split] = {scorer: {f"hit@{k}": float(h / users), f"ndcg@{k}": float(n / users)}
+                         for scorer, (h, n) in sums.items()}
+    return result

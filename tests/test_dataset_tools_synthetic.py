@@ -15,8 +15,8 @@ from dataset_tools.atomic import read_item_sidecar
 from dataset_tools.cli import main
 from dataset_tools.demo import DEMO_NAME, ensure_demo_dataset
 from dataset_tools.sequences import convert_sequences
-from dataset_tools.synthetic import (PATTERNS, THEMES, SyntheticSpec, build_synthetic, draw_pattern, oracle_hit_rates,
-                                     read_latent)
+from dataset_tools.synthetic import (PATTERNS, THEMES, SyntheticSpec, attribute_ceilings, build_synthetic,
+                                     draw_pattern, oracle_hit_rates, read_latent)
 
 REPO = Path(__file__).resolve().parents[1]
 BEAUTY = REPO.parent / "shared" / "data" / "amazon-beauty-2014-5core" / "Beauty.inter.json"
@@ -62,6 +62,46 @@ def test_oracle_with_both_attributes_beats_either_alone(catalog):
     rates = oracle_hit_rates(catalog, "syn")
     assert rates["both"] > rates["text"] + 0.1 and rates["both"] > rates["image"] + 0.1
     assert min(rates["text"], rates["image"]) > rates["popularity"] + 0.05
+
+
+def _hand_made_catalog(root: Path) -> Path:
+    """Six items, (theme, pattern): i1 (0,0), i2 (0,1), i3 (1,1), i4 (1,0), i5 (1,1), i6 (0,0); user u1 bought
+    i1, i2, i3 in that order (valid target i2 after [i1], test target i3 after [i1, i2]), u2 i4, i5, i6."""
+    d = root / "hand"
+    d.mkdir()
+    attributes = {"i1": (0, 0), "i2": (0, 1), "i3": (1, 1), "i4": (1, 0), "i5": (1, 1), "i6": (0, 0)}
+    latent = {"spec": {"text_signal": 1.0, "image_signal": 1.0},
+              "items": {k: {"text": t, "image": v} for k, (t, v) in attributes.items()}}
+    (d / "hand.latent.json").write_text(json.dumps(latent))
+    rows = ["u1\ti1\t5\t1", "u1\ti2\t5\t2", "u1\ti3\t5\t3", "u2\ti4\t5\t1", "u2\ti5\t5\t2", "u2\ti6\t5\t3"]
+    (d / "hand.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                  + "\n".join(rows) + "\n")
+    return d
+
+
+def test_attribute_ceilings_known_answers(tmp_path):
+    """Exact expectations over a random order of tied items, counted by hand on six items."""
+    d = _hand_made_catalog(tmp_path)
+    log2 = np.log2
+    ranked = attribute_ceilings(d, "hand", k=2)  # RecBole's sequential full ranking: history items compete
+    masked = attribute_ceilings(d, "hand", k=2, exclude_history=True)
+    # test, u1: last history item i2 (theme 0, pattern 1), target i3 (1, 1). image: i2, i3, i5 tie at the top,
+    # i3 at rank 1, 2 or 3 -> hit@2 2/3, NDCG@2 (1 + 1/log2 3) / 3. With the history left out only i3 and i5 tie.
+    # u2: last i5 (1, 1), target i6 (0, 0): three pattern-1 items above it either way, nothing in the top 2.
+    assert ranked["test"]["image"]["hit@2"] == pytest.approx((2 / 3 + 0) / 2)
+    assert ranked["test"]["image"]["ndcg@2"] == pytest.approx(((1 + 1 / log2(3)) / 3 + 0) / 2)
+    assert masked["test"]["image"]["hit@2"] == pytest.approx((1 + 0) / 2)
+    assert masked["test"]["image"]["ndcg@2"] == pytest.approx(((1 + 1 / log2(3)) / 2 + 0) / 2)
+    # both (weights 1, 1), u1: i2 scores 2; i1, i3, i5, i6 score 1 -> i3 at rank 2..5: hit@2 1/4.
+    # u2: i3, i5 score 2, i2, i4 1, the target i6 and i1 0 -> rank 5 or 6.
+    assert ranked["test"]["both"]["hit@2"] == pytest.approx((1 / 4 + 0) / 2)
+    assert ranked["test"]["both"]["ndcg@2"] == pytest.approx((1 / log2(3) / 4 + 0) / 2)
+    # none: every item ties, 6 of them -> hit@2 2/6 for everyone
+    assert ranked["valid"]["none"]["hit@2"] == pytest.approx(2 / 6)
+    # valid, u1: last i1 (0, 0), target i2 (0, 1); text: i1 i2 i6 tie at the top (the test item i3 competes
+    # but does not tie) -> hit@2 2/3. u2: last i4 (1, 0), target i5 (1, 1): i3 i4 i5 tie -> 2/3.
+    assert ranked["valid"]["text"]["hit@2"] == pytest.approx(2 / 3)
+    assert masked["valid"]["text"]["hit@2"] == pytest.approx(1.0)  # i1 / i4 left out: two tied, both inside
 
 
 def test_signal_knob_removes_a_modality(tmp_path):

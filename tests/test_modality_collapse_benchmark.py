@@ -67,6 +67,26 @@ def test_summary_retention_standard_errors_and_validation_selection(bench):
     assert set(selection["candidates"]) == {"VLM2Rec", "sweep beta=0.5 lambda=0.3"}
 
 
+def test_learnability_against_the_untrained_row_and_the_ceiling(bench):
+    """alone / untrained per seed; the ceiling caps that ratio for a model that knows only the attribute."""
+    stat = bench._stats
+    rows = {"untrained": {"image_only_ndcg@10": stat([0.02, 0.01]), "text_only_ndcg@10": stat([0.02, 0.02])},
+            "image alone": {"image_only_ndcg@10": stat([0.03, 0.03])}}
+    ceilings = {"test": {"image": {"ndcg@10": 0.04}, "text": {"ndcg@10": 0.05}}}
+    result = bench.learnability(rows, ceilings)
+    assert set(result) == {"image"}  # no text-alone row was run
+    image = result["image"]
+    assert image["alone_over_untrained"]["values"] == pytest.approx([1.5, 3.0])
+    assert image["ceiling_over_untrained"]["values"] == pytest.approx([2.0, 4.0])
+    assert image["alone_over_ceiling"]["values"] == pytest.approx([0.75, 0.75])
+    assert image["gap_closed"]["values"] == pytest.approx([0.5, 2 / 3])  # (0.03 - 0.02) / (0.04 - 0.02), ...
+    assert image["ceiling_ndcg@10"] == 0.04
+    without = bench.learnability(rows, None)["image"]  # a dataset without planted attributes: the ratio only
+    assert set(without) == {"alone_over_untrained"}
+    lines = bench.learnability_lines({"ceilings": ceilings, "learnability": result})
+    assert lines[1].startswith("image alone / untrained 2.25 ± 0.75; ceiling 0.0400 = 3.00 ± 1.00 x untrained")
+
+
 def test_the_default_catalog_needs_both_modalities(bench, tmp_path):
     """COLLAPSE_SPEC: oracles that know one planted attribute reach well under the one that knows both."""
     from dataset_tools.synthetic import build_synthetic, oracle_hit_rates
@@ -114,6 +134,9 @@ def test_quick_run_writes_the_results_layout(tmp_path):
     for name in ("results.md", "modality_metrics.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     assert "VLM2Rec (val-selected)" in done.stdout and "oracle Hit@10" in done.stdout
+    assert set(report["ceilings"]) == {"valid", "test"} and set(report["learnability"]) == {"text", "image"}
+    assert 0 < report["ceilings"]["test"]["image"]["ndcg@10"] < report["ceilings"]["test"]["both"]["ndcg@10"]
+    assert "image alone / untrained" in done.stdout and "Attribute ceilings" in (out / "results.md").read_text()
 
 
 def test_own_dataset_with_its_own_settings(tmp_path):
@@ -128,6 +151,7 @@ def test_own_dataset_with_its_own_settings(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert list(report["rows"]) == ["untrained", "image alone", "plain"] and report["oracle"] is None
+    assert report["ceilings"] is None and set(report["learnability"]["image"]) == {"alone_over_untrained"}
     assert "probe_image_pattern" not in report["rows"]["plain"]
     assert "vlm_name_or_path" not in report["settings"]  # nothing of the synthetic set-up is pinned: the files decide
     assert report["rows"]["image alone"]["image_retention"]["values"] == [1.0]
