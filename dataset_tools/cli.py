@@ -31,7 +31,8 @@ from .demo import DEMO_NAME, ensure_demo_dataset
 from .images import ImageOptions
 from .problems import FatalInputError, Problems
 from .sequences import convert_sequences
-from .synthetic import IMAGE_COLOURS, PATTERNS, THEMES, SyntheticSpec, build_synthetic, oracle_hit_rates
+from .synthetic import (IMAGE_COLOURS, PATTERNS, THEMES, SyntheticSpec, attribute_ceilings, build_synthetic,
+                        oracle_hit_rates)
 
 EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130   # 2 (usage) is argparse's own exit
 
@@ -231,6 +232,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         rates = oracle_hit_rates(result.dataset_dir, result.stats["dataset"])
         print("  planted signal, Hit@10 of oracles that know the latent attributes: "
               + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+        ceilings = attribute_ceilings(result.dataset_dir, result.stats["dataset"])["test"]
+        print("  attribute ceilings, expected test NDCG@10 without a popularity tie-break: "
+              + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in ceilings.items()))
 
 
 def _features(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
