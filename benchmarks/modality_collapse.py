@@ -25,7 +25,7 @@ selection) with full ranking, with fused, text-only and image-only scores; each 
 validation split per modality (the curves). Seed ``s`` sets RecBole's ``seed`` and ``tiny_seed``; the catalog is
 the same for every seed. Runs are independent and deterministic, so ``--jobs`` changes the time, not a number.
 
-    python benchmarks/modality_collapse.py            # the default run: 3 seeds, ~45 min on 2 CPU cores
+    python benchmarks/modality_collapse.py            # the default run: 3 seeds, ~60 min on 2 idle CPU cores
     python benchmarks/modality_collapse.py --quick --out /tmp/mc   # smoke test: 1 seed, 150 users, 1 epoch
     python benchmarks/modality_collapse.py --dataset my-catalog --data_path data/ \\
         --vlm_name_or_path /models/Qwen2.5-VL-3B-Instruct --config_files my.yaml --device cuda --seeds 0
