@@ -446,7 +446,7 @@ def learnability(rows: dict, ceilings: Optional[dict], split: str = "test") -> d
             continue
         alone = rows[f"{modality} alone"][metric]["values"]
         untrained = rows["untrained"][metric]["values"]
-        pairs = [(a, u) for a, u in zip(alone, untrained)]
+        pairs = list(zip(alone, untrained))
         entry = {"alone_over_untrained": _stats([a / u if a is not None and u else math.nan for a, u in pairs])}
         if ceilings:
             ceiling = ceilings[split][modality]["ndcg@10"]

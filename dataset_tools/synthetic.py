@@ -286,6 +286,15 @@ def _planted_sequences(dataset_dir, name: str):
     return theme, pattern, (latent["spec"]["text_signal"], latent["spec"]["image_signal"]), sequences
 
 
+def _attribute_scores(theme, pattern, last: int, signals, blank: str) -> dict:
+    """Every oracle scorer's score of every item: agreement with the attributes of item ``last``, ``both``
+    weighing theme and pattern matches by the generator's ``signals``, ``text`` and ``image`` one attribute
+    each, ``blank`` none (all zero)."""
+    same_theme, same_pattern = theme == theme[last], pattern == pattern[last]
+    weights = {"both": signals, "text": (1.0, 0.0), "image": (0.0, 1.0), blank: (0.0, 0.0)}
+    return {scorer: a * same_theme + b * same_pattern for scorer, (a, b) in weights.items()}
+
+
 def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
     """Hit@k of the last item of each user for scorers that know the true latent attributes.
 
@@ -294,19 +303,18 @@ def oracle_hit_rates(dataset_dir, name: str, k: int = 10) -> dict:
     by the generator's signals, ``text`` and ``image`` use one attribute, ``popularity`` none. Ties
     are broken by how often items occur in the histories.
     """
-    theme, pattern, (wt, wv), sequences = _planted_sequences(dataset_dir, name)
+    theme, pattern, signals, sequences = _planted_sequences(dataset_dir, name)
     counts = np.zeros(len(theme))
     for seq in sequences:
         np.add.at(counts, seq[:-1], 1)
     tie_break = 1e-3 * counts / max(counts.max(), 1)
-    weights = {"both": (wt, wv), "text": (1.0, 0.0), "image": (0.0, 1.0), "popularity": (0.0, 0.0)}
-    hits = dict.fromkeys(weights, 0)
+    hits = {}
     for seq in sequences:
         last, target = seq[-2], seq[-1]
-        for scorer, (a, b) in weights.items():
-            score = a * (theme == theme[last]) + b * (pattern == pattern[last]) + tie_break
+        for scorer, score in _attribute_scores(theme, pattern, last, signals, "popularity").items():
+            score = score + tie_break
             score[seq[:-1]] = -np.inf
-            hits[scorer] += int(np.sum(score > score[target]) < k)
+            hits[scorer] = hits.get(scorer, 0) + int(np.sum(score > score[target]) < k)
     return {scorer: h / len(sequences) for scorer, h in hits.items()}
 
 
@@ -327,28 +335,26 @@ def attribute_ceilings(dataset_dir, name: str, k: int = 10, exclude_history: boo
 
     Returns ``{"valid"|"test": {"both"|"text"|"image"|"none": {"hit@k": h, "ndcg@k": n}}}``.
     """
-    theme, pattern, (wt, wv), sequences = _planted_sequences(dataset_dir, name)
-    weights = {"both": (wt, wv), "text": (1.0, 0.0), "image": (0.0, 1.0), "none": (0.0, 0.0)}
+    theme, pattern, signals, sequences = _planted_sequences(dataset_dir, name)
     gains = 1.0 / np.log2(np.arange(2, k + 2))  # the NDCG of the one relevant item at rank 1..k
     result = {}
     for split, cut in (("valid", 1), ("test", 0)):
-        sums = {scorer: np.zeros(2) for scorer in weights}
-        users = 0
+        sums, users = {}, 0
         for seq in sequences:
             seq = seq[:len(seq) - cut]
             if len(seq) < 2:
                 continue
             history, target = seq[:-1], seq[-1]
             users += 1
-            for scorer, (a, b) in weights.items():
-                score = a * (theme == theme[history[-1]]) + b * (pattern == pattern[history[-1]])
+            for scorer, score in _attribute_scores(theme, pattern, history[-1], signals, "none").items():
                 if exclude_history:
                     score[history] = -np.inf
                 above = int(np.sum(score > score[target]))
                 tied = int(np.sum(score == score[target]))  # the target and the items it ties with
                 ranks = np.arange(above, above + tied)  # 0-based, each equally likely
                 inside = ranks[ranks < k]
-                sums[scorer] += (len(inside) / tied, gains[inside].sum() / tied)
+                total = sums.setdefault(scorer, np.zeros(2))  # (hits, NDCG) summed over users
+                total += (len(inside) / tied, gains[inside].sum() / tied)
         result[split] = {scorer: {f"hit@{k}": float(h / users), f"ndcg@{k}": float(n / users)}
                          for scorer, (h, n) in sums.items()}
     return result
